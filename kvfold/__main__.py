@@ -1,0 +1,3 @@
+from kvfold.cli import main
+
+main()

@@ -1,0 +1,149 @@
+"""Base classes of a kvfold attention backend on vLLM's paged KV cache.
+
+A method subclasses :class:`KvfoldBackend` (what vLLM asks about the backend: name, supported
+configurations, KV layout) and :class:`KvfoldImpl` (writes new K/V into the cache, attends).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionType,
+    MultipleOf,
+)
+
+from kvfold.attention_backends.paged.metadata import PagedMetadata, PagedMetadataBuilder
+from kvfold.options import KvfoldConfigError, MethodOptions
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.config.cache import CacheDType
+
+
+class KvfoldBackend(AttentionBackend):
+    """What vLLM's selector and KV-cache allocator ask of a kvfold backend."""
+
+    forward_includes_kv_cache_update: bool = False  # vLLM calls impl.do_kv_cache_update first
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[CacheDType]] = ["auto", "float16", "bfloat16"]
+    options_model: ClassVar[type[MethodOptions]] = MethodOptions
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_builder_cls() -> type[PagedMetadataBuilder]:
+        return PagedMetadataBuilder
+
+    @classmethod
+    def check_vllm_config(cls, options: MethodOptions, vllm_config: VllmConfig) -> None:
+        """Refuse, at start-up, an engine configuration the method cannot serve correctly."""
+
+
+class KvfoldImpl(AttentionImpl[PagedMetadata]):
+    """Shared forward plumbing; a method implements :meth:`write_kv` and :meth:`attend`."""
+
+    #: The registered backend name, used to find this method's options.
+    method_name: ClassVar[str]
+    options_model: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args: Any,
+    ) -> None:
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": logits_soft_cap not in (None, 0),
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+        }
+        unsupported.update({name: value is not None for name, value in extra_impl_args.items()})
+        refused = [name for name, present in unsupported.items() if present]
+        if refused:
+            raise KvfoldConfigError(
+                f"{self.method_name} does not support {', '.join(refused)} "
+                "(needed by this model's attention layers)"
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.attn_type = attn_type
+        self.options = self._current_options()
+
+    @classmethod
+    def _current_options(cls) -> MethodOptions:
+        from vllm.config import get_current_vllm_config
+
+        from kvfold.attention_backends.selection import options_for
+
+        return options_for(cls.method_name, get_current_vllm_config().additional_config)
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        self.write_kv(layer, key, value, kv_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: PagedMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{self.method_name} does not fuse output quantization")
+        if attn_metadata is None:  # profiling / dummy run: nothing is cached yet
+            return output
+        n = attn_metadata.num_actual_tokens
+        self.attend(layer, query[:n], kv_cache, attn_metadata, output[:n])
+        return output
+
+    def write_kv(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        raise NotImplementedError
+
+    def attend(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: PagedMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        """Write attention of ``query`` ``[T, Hq, D]`` into ``output`` ``[T, Hq, Dv]``."""
+        raise NotImplementedError

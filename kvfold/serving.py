@@ -1,0 +1,124 @@
+"""Start ``kvfold serve`` as a child process, wait until it answers, stop it cleanly.
+
+Used by ``kvfold demo`` and the end-to-end tests; the server is vLLM's own OpenAI-compatible one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+CAPACITY_LINE = re.compile(
+    r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x"
+)
+
+
+@dataclass(frozen=True)
+class KvCapacity:
+    """vLLM's own report of the KV cache it allocated (its start-up log line)."""
+
+    tokens: int
+    max_model_len: int
+    max_concurrency: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``with Server(model, ["--attention-backend", "KVFOLD_DENSE"], log) as s: s.url ...``"""
+
+    def __init__(
+        self,
+        model: str | Path,
+        args: Sequence[str],
+        log_path: str | Path,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 300.0,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.command = [
+            sys.executable, "-m", "kvfold", "serve", str(model),
+            "--host", "127.0.0.1", "--port", str(self.port), *args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,  # one process group: the engine core and workers stop with it
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGINT (vLLM's graceful shutdown), then SIGKILL of the whole group if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        try:  # children that outlived the API server
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def capacity(self) -> KvCapacity:
+        match = CAPACITY_LINE.search(self.log_text())
+        if match is None:
+            raise RuntimeError("vLLM logged no KV cache size line")
+        tokens, max_len, conc = match.groups()
+        return KvCapacity(int(tokens.replace(",", "")), int(max_len.replace(",", "")), float(conc))
+
+    def complete(self, prompt: str | list[int], max_tokens: int = 16) -> dict:
+        served = requests.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        response = requests.post(
+            f"{self.url}/v1/completions",
+            json={"model": served, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+            timeout=120,
+        )
+        response.raise_for_status()
+        return response.json()

@@ -1,0 +1,1 @@
+"""Entry points vLLM loads: ``general`` (registration in every process)."""

@@ -1,0 +1,58 @@
+"""``vllm.general_plugins`` entry point: makes the kvfold backends selectable by name.
+
+vLLM calls :func:`register` in every process (API server, engine core, workers) before it builds a
+model. It must be idempotent and cheap, and must not initialise CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kvfold
+from kvfold.attention_backends import BACKENDS, CUSTOM_BACKEND
+
+logger = logging.getLogger("vllm.kvfold")  # vLLM configures its "vllm" logger tree
+
+
+def register() -> None:
+    import vllm
+
+    if not vllm.__version__.startswith(kvfold.SUPPORTED_VLLM + "."):
+        # Raising here would break every vLLM start, with or without kvfold selected.
+        logger.warning(
+            "kvfold %s supports vLLM %s.x, found %s: kvfold backends are NOT registered",
+            kvfold.__version__, kvfold.SUPPORTED_VLLM, vllm.__version__,
+        )
+        return
+    for name in BACKENDS:
+        ensure_member(name)
+    _claim_custom()
+    from kvfold.vllm_plugins.platform import extend_current_platform
+
+    extend_current_platform()
+
+
+def ensure_member(name: str):
+    """The ``AttentionBackendEnum`` member for kvfold backend ``name``, created if missing.
+
+    Enum members pickle by value (the class path), and vLLM's spawned engine process unpickles its
+    config before it loads plugins, where a runtime-created value is unknown. So each kvfold member
+    pickles as a call of this importable function, which recreates it in the receiving process.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if name not in AttentionBackendEnum.__members__:
+        register_backend(name, BACKENDS[name])  # never the decorator form: its value "" aliases
+    member = AttentionBackendEnum[name]
+    member.__reduce_ex__ = lambda protocol, _name=name: (ensure_member, (_name,))
+    return member
+
+
+def _claim_custom() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != CUSTOM_BACKEND:
+        logger.info("kvfold leaves CUSTOM to %s, registered by another plugin", custom.get_path())
+        return
+    register_backend(custom, CUSTOM_BACKEND)

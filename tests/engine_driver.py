@@ -1,0 +1,49 @@
+"""Runs one offline vLLM engine in its own process and writes what it produced as JSON.
+
+Tests start it with ``python tests/engine_driver.py SPEC.json OUT.json`` so every engine gets a
+clean process and environment (vLLM's CPU engine always spawns; its children re-import __main__).
+SPEC: {"llm": {LLM kwargs}, "prompts": [[token ids], ...], "max_tokens": N, "plugins_first": bool}
+OUT:  {"tokens": [[...], ...], "logprobs": [[...], ...], "num_gpu_blocks": N, "metrics": {...},
+       "impls": [attention impl class of each layer, as the worker built them]}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def attention_impls(model) -> list[str]:
+    return [type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")]
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    if spec.get("plugins_first"):
+        from vllm.plugins import load_general_plugins
+
+        load_general_plugins()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(**spec["llm"])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=0
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [
+            [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            for o in outputs
+        ],
+        "impls": llm.apply_model(attention_impls)[0],
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "metrics": {m.name: getattr(m, "value", None) for m in llm.get_metrics()},
+    }
+    open(out_path, "w").write(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,85 @@
+"""On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
+
+Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
+    python tests/gpu/check_cuda.py OUT_DIR
+Writes OUT_DIR/cuda_check.json and the engine logs. Compares greedy tokens of KVFOLD_DENSE (by
+name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
+then serves KVFOLD_DENSE with `kvfold serve` and asks it for a completion and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [list(range(5, 5 + n)) for n in (5, 37, 200, 300)]
+
+
+def run_engine(out_dir: Path, tag: str, model: Path, dtype: str, **llm) -> dict:
+    spec = {
+        "llm": {"model": str(model), "dtype": dtype, "enforce_eager": True, "max_model_len": 1024,
+                "gpu_memory_utilization": 0.3, "disable_log_stats": False, **llm},
+        "prompts": PROMPTS, "max_tokens": 32,
+    }
+    spec_path, result_path = out_dir / f"{tag}.spec.json", out_dir / f"{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    with open(out_dir / f"{tag}.log", "w") as log:
+        rc = subprocess.run([sys.executable, str(HERE.parent / "engine_driver.py"), spec_path,
+                             result_path], stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode
+    return json.loads(result_path.read_text()) if rc == 0 else {"error": f"rc={rc}, see {tag}.log"}
+
+
+def agree(a: dict, b: dict) -> dict:
+    if "error" in a or "error" in b:
+        return {"error": a.get("error") or b.get("error")}
+    same = [x == y for x, y in zip(a["tokens"], b["tokens"])]
+    first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+             for x, y in zip(a["tokens"], b["tokens"])]
+    return {"identical_prompts": sum(same), "prompts": len(same), "first_divergence": first,
+            "impls": sorted(set(b.get("impls", []))), "num_gpu_blocks": [a["num_gpu_blocks"], b["num_gpu_blocks"]]}
+
+
+def main(out_dir: str) -> None:
+    from kvfold.serving import Server
+    from kvfold.tiny_model import write_tiny_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
+    report: dict = {}
+    triton = run_engine(out, "triton_fp32", model, "float32", attention_backend="TRITON_ATTN")
+    dense = run_engine(out, "dense_fp32", model, "float32", attention_backend="KVFOLD_DENSE")
+    custom = run_engine(out, "custom_fp32", model, "float32", attention_backend="CUSTOM",
+                        additional_config={"kvfold": {"method": "dense"}})
+    flash = run_engine(out, "flash_bf16", model, "bfloat16", attention_backend="FLASH_ATTN")
+    dense16 = run_engine(out, "dense_bf16", model, "bfloat16", attention_backend="KVFOLD_DENSE")
+    report["fp32 KVFOLD_DENSE vs TRITON_ATTN"] = agree(triton, dense)
+    report["fp32 CUSTOM(dense) vs TRITON_ATTN"] = agree(triton, custom)
+    report["bf16 KVFOLD_DENSE vs FLASH_ATTN"] = agree(flash, dense16)
+    try:
+        with Server(model, ["--attention-backend", "KVFOLD_DENSE", "--max-model-len", "1024",
+                            "--enforce-eager", "--gpu-memory-utilization", "0.3"],
+                    out / "serve.log") as server:
+            completion = server.complete("Hello from the GPU", max_tokens=8)
+            metrics = requests.get(f"{server.url}/metrics", timeout=10)
+            report["serve"] = {"completion_tokens": completion["usage"]["completion_tokens"],
+                               "metrics_status": metrics.status_code,
+                               "has_cache_config_info": "vllm:cache_config_info" in metrics.text,
+                               "capacity": server.capacity().__dict__}
+        report["serve"]["exit_code"] = server.process.returncode
+    except Exception as exc:  # reported, not hidden: the JSON says what failed
+        report["serve"] = {"error": repr(exc)}
+    (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
