@@ -38,6 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_members(pgid: int, grace: float) -> list[int]:
+    """Live (non-zombie) processes of group ``pgid`` still there after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.5)
+
+
 class Server:
     """``with Server(model, ["--attention-backend", "KVFOLD_DENSE"], log) as s: s.url ...``"""
 
@@ -59,6 +76,7 @@ class Server:
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.stragglers: list[int] = []
 
     def __enter__(self) -> Server:
         self._log = open(self.log_path, "w")
@@ -83,7 +101,11 @@ class Server:
         self.stop()
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGINT (vLLM's graceful shutdown), then SIGKILL of the whole group if it hangs."""
+        """SIGINT (vLLM's graceful shutdown), then SIGKILL of the whole group if it hangs.
+
+        ``self.stragglers`` records whether any engine process outlived the API server by more
+        than a few seconds (a shutdown leak, which the final SIGKILL then cleans up).
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -93,10 +115,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        try:  # children that outlived the API server
+        self.stragglers = _group_members(self.process.pid, grace=10.0)
+        if self.stragglers:
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._log.close()
         return self.process.returncode
 

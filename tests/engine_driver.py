@@ -13,16 +13,13 @@ import json
 import sys
 
 
-def attention_impls(model) -> list[str]:
-    return [type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")]
-
-
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     if spec.get("plugins_first"):
         from vllm.plugins import load_general_plugins
 
         load_general_plugins()
+    from engine_probes import attention_impls  # beside this file, on the workers' sys.path too
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

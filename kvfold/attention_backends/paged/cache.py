@@ -15,6 +15,7 @@ PAD_SLOT_ID = -1
 def write_tokens(cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
     """Store ``rows[t]`` (``[T, H, C]``) at slot ``slot_mapping[t]``; padding slots (-1) are skipped."""
     slots = slot_mapping[: rows.shape[0]]
+    rows = rows[: slots.shape[0]]  # padded tokens beyond the slot mapping have no slot
     keep = slots != PAD_SLOT_ID
     if not bool(keep.all()):
         slots, rows = slots[keep], rows[keep]

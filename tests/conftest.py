@@ -1,0 +1,67 @@
+"""Shared fixtures: small random checkpoints and a runner for real vLLM engines in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+# Every engine gets the same KV memory, so capacities compare; 0.4 only gates vLLM's CPU
+# free-memory check (it asks for 92% of NUMA node 0 by default, more than a CI box has free).
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+ENGINE_DEFAULTS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 1024,
+                   "gpu_memory_utilization": 0.4, "disable_log_stats": False}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kvfold.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kvfold.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", "qwen2", seed=1)
+
+
+class EngineRun:
+    """Result of one engine process: its JSON output (or None) and its log."""
+
+    def __init__(self, result: dict | None, log: str, returncode: int) -> None:
+        self.result, self.log, self.returncode = result, log, returncode
+
+    def __getitem__(self, key: str):
+        assert self.result is not None, f"engine failed (rc={self.returncode}):\n{self.log[-6000:]}"
+        return self.result[key]
+
+
+@pytest.fixture(scope="session")
+def run_engine(tmp_path_factory: pytest.TempPathFactory):
+    """``run_engine(model, prompts, max_tokens, env={...}, **llm_kwargs) -> EngineRun``."""
+    counter = iter(range(1000))
+    tmp_path = tmp_path_factory.mktemp("engines")
+
+    def run(model: Path, prompts: list[list[int]], max_tokens: int, *, env: dict | None = None,
+            plugins_first: bool = False, timeout: float = 600, **llm) -> EngineRun:
+        tag = next(counter)
+        spec = {"llm": {"model": str(model), **ENGINE_DEFAULTS, **llm}, "prompts": prompts,
+                "max_tokens": max_tokens, "plugins_first": plugins_first}
+        spec_path, out_path = tmp_path / f"spec{tag}.json", tmp_path / f"out{tag}.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "engine_driver.py"), str(spec_path), str(out_path)],
+            env={**os.environ, **ENGINE_ENV, **(env or {})}, capture_output=True, text=True,
+            timeout=timeout, cwd=tmp_path,
+        )
+        result = json.loads(out_path.read_text()) if proc.returncode == 0 else None
+        return EngineRun(result, proc.stdout + proc.stderr, proc.returncode)
+
+    return run

@@ -1,0 +1,6 @@
+"""Functions the engine driver runs inside vLLM's worker (an importable module, so they pickle)."""
+
+
+def attention_impls(model) -> list[str]:
+    """The attention implementation class of every attention layer the worker built."""
+    return [type(m.impl).__name__ for m in model.modules() if hasattr(m, "impl")]
