@@ -1,0 +1,206 @@
+"""TreeKV on a dense per-request cache: the specification the paged vLLM backend must reproduce.
+
+Per layer and KV head the cache holds at most ``budget`` tokens: ``sink`` first tokens, a tree region
+of ``budget - sink - recent`` slots, and the ``recent`` newest tokens (the paper's LM setup:
+4 + 512 + 508). Each decode step appends one token; when the cache overflows, the token leaving the
+recent window has entered the tree region, and the tree region drops one of the adjacent pair at its
+cursor, the one with the lower *average* attention received (the paper's S/C), then the cursor moves
+one slot right, wrapping (the paper prints ``idx = (idx+1) mod c + 1``, which skips a slot; its text
+and figure cycle 1, 2, 3, ...). Repeated sweeps halve the density of older context: recent context
+dense, distant context sparse, with a smooth transition.
+
+Prefill of a prompt longer than the budget applies the same schedule to blocks of
+``prefill_block`` tokens, scored by the attention of the prompt's last block (the observation
+window). Choices the paper leaves open, made here:
+
+* the middle (neither sink nor recent) is cut into blocks from its newest end; the ``m mod b``
+  oldest middle tokens that do not fill a block are dropped (they are the context the tree keeps
+  sparsest), so every head keeps the same number of tokens;
+* decode starts its cursor at the tree's first slot after a prefill;
+* GQA: a KV head's score is the mean over the query heads that read it;
+* ``positions="rank"`` re-rotates stored keys (vLLM stores them after RoPE) so that a token's
+  position is its rank in the cache, as the paper does with keys stored before RoPE;
+  ``positions="original"`` keeps every token's own position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kvfold.attention_backends.paged.attention import causal_gqa_attention
+from kvfold.attention_backends.treekv.options import TreeKVOptions
+
+
+def rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Advance neox-style rotary pairs of ``x`` ``[..., n, D]`` by ``delta`` ``[..., n]`` positions.
+
+    Rotations compose, so a key already rotated to position ``p`` moves to ``p + delta``. Dims past
+    ``2 * len(inv_freq)`` (partial rotary) are left as they are.
+    """
+    half = inv_freq.numel()
+    angles = delta[..., None].to(torch.float32) * inv_freq.to(x.device, torch.float32)
+    cos, sin = angles.cos(), angles.sin()
+    x = x.float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def evict_one(avg: torch.Tensor, cursor: int) -> torch.Tensor:
+    """Per head, which of the pair (cursor, cursor + 1) of ``avg`` ``[H, n]`` to drop.
+
+    The right one only if the left one scored strictly higher: ties drop the left one.
+    """
+    left, right = avg[:, cursor], avg[:, cursor + 1]
+    return torch.where(left > right, cursor + 1, cursor)
+
+
+class TreeSchedule:
+    """The cursor of a tree region of ``capacity`` slots, shared by every head of a layer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.cursor = 0
+
+    def evict(self, avg: torch.Tensor) -> torch.Tensor:
+        """``avg`` holds ``capacity + 1`` entries per head; returns the index each head drops."""
+        if avg.shape[1] != self.capacity + 1:
+            raise ValueError(f"tree region holds {avg.shape[1]} entries, expected {self.capacity + 1}")
+        dropped = evict_one(avg, self.cursor)
+        self.cursor = (self.cursor + 1) % self.capacity
+        return dropped
+
+
+@dataclass
+class LayerCache:
+    """One request's cache in one layer. Every KV head holds the same number of tokens, each its own."""
+
+    keys: torch.Tensor  # [Hk, n, D], rotated to each token's original position
+    values: torch.Tensor  # [Hk, n, Dv]
+    positions: torch.Tensor  # [Hk, n] original positions, increasing along n
+    score_sum: torch.Tensor  # [Hk, n] attention received (mean over the group's query heads)
+    count: torch.Tensor  # [Hk, n] queries that contributed to score_sum
+
+    @property
+    def size(self) -> int:
+        return self.positions.shape[1]
+
+    def average(self) -> torch.Tensor:
+        return self.score_sum / self.count.clamp(min=1)
+
+    def take(self, index: torch.Tensor) -> LayerCache:
+        """The entries ``index`` ``[Hk, m]`` of each head, in that order."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            idx = index if t.dim() == 2 else index[..., None].expand(-1, -1, t.shape[-1])
+            return t.gather(1, idx)
+
+        return LayerCache(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+    def drop(self, index: torch.Tensor) -> LayerCache:
+        """Without entry ``index[h]`` of each head ``h``."""
+        keep = torch.ones_like(self.positions, dtype=torch.bool)
+        keep[torch.arange(keep.shape[0]), index] = False
+        order = torch.arange(self.size).expand_as(keep)[keep].view(keep.shape[0], -1)
+        return self.take(order)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, position: int) -> LayerCache:
+        heads = self.positions.shape[0]
+        return LayerCache(
+            keys=torch.cat([self.keys, key[:, None].to(self.keys.dtype)], 1),
+            values=torch.cat([self.values, value[:, None].to(self.values.dtype)], 1),
+            positions=torch.cat([self.positions, self.positions.new_full((heads, 1), position)], 1),
+            score_sum=torch.cat([self.score_sum, self.score_sum.new_zeros(heads, 1)], 1),
+            count=torch.cat([self.count, self.count.new_zeros(heads, 1)], 1),
+        )
+
+
+def _group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[Hq, ...]`` -> ``[Hk, ...]``: query head h reads KV head h // (Hq // Hk)."""
+    return probs.view(num_kv_heads, probs.shape[0] // num_kv_heads, *probs.shape[1:]).mean(1)
+
+
+class TreeKV:
+    """TreeKV for one request and one layer: :meth:`prefill`, then :meth:`decode` per token."""
+
+    def __init__(self, options: TreeKVOptions, scale: float, inv_freq: torch.Tensor | None = None) -> None:
+        if options.positions == "rank" and inv_freq is None:
+            raise ValueError('positions="rank" re-rotates keys and needs the model\'s inv_freq')
+        self.options = options
+        self.scale = scale
+        self.inv_freq = inv_freq
+        self.schedule = TreeSchedule(options.tree)
+        self.cache: LayerCache | None = None
+
+    def prefill(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of a whole prompt (``[L, H, D]``, positions 0..L-1) and its compressed cache."""
+        length, num_kv_heads = key.shape[0], key.shape[1]
+        out = causal_gqa_attention(query, key, value, self.scale, 0)
+        window = min(self.options.prefill_block, length)
+        q = query[length - window :].float()  # observation window: the prompt's last block
+        logits = torch.einsum("qhd,khd->hqk", q, key.float().repeat_interleave(
+            query.shape[1] // num_kv_heads, dim=1)) * self.scale
+        q_pos = torch.arange(length - window, length)[:, None]
+        logits = logits.masked_fill(torch.arange(length)[None, :] > q_pos, float("-inf"))
+        probs = _group_mean(torch.softmax(logits, dim=-1), num_kv_heads)  # [Hk, w, L]
+        seen = (torch.arange(length)[None, :] <= q_pos).sum(0).float()  # window queries per key
+        self.cache = LayerCache(
+            keys=key.transpose(0, 1).contiguous(),
+            values=value.transpose(0, 1).contiguous(),
+            positions=torch.arange(length).expand(num_kv_heads, -1).contiguous(),
+            score_sum=probs.sum(1),
+            count=seen.expand(num_kv_heads, -1).contiguous(),
+        )
+        if length > self.options.budget:
+            self.cache = self.cache.take(self._prefill_selection(self.cache.average()))
+        self.schedule.cursor = 0
+        return out
+
+    def _prefill_selection(self, avg: torch.Tensor) -> torch.Tensor:
+        """Token indices ``[Hk, kept]`` after block-level tree eviction of the prompt's middle."""
+        o = self.options
+        heads, length = avg.shape
+        block = o.prefill_block
+        middle = length - o.sink - o.recent
+        num_blocks, start = middle // block, o.sink + middle % block
+        block_avg = avg[:, start : start + num_blocks * block].view(heads, num_blocks, block).mean(-1)
+        schedule = TreeSchedule(o.tree // block)
+        kept = torch.empty(heads, 0, dtype=torch.long)
+        for b in range(num_blocks):
+            kept = torch.cat([kept, torch.full((heads, 1), b)], 1)
+            if kept.shape[1] > schedule.capacity:
+                dropped = schedule.evict(block_avg.gather(1, kept))
+                keep = torch.ones_like(kept, dtype=torch.bool)
+                keep[torch.arange(heads), dropped] = False
+                kept = kept[keep].view(heads, -1)
+        tree_tokens = (start + kept[..., None] * block + torch.arange(block)).flatten(1)
+        sink = torch.arange(o.sink).expand(heads, -1)
+        recent = torch.arange(length - o.recent, length).expand(heads, -1)
+        return torch.cat([sink, tree_tokens, recent], 1)
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: int) -> torch.Tensor:
+        """One step: append ``key``/``value`` ``[Hk, D]``, attend with ``query`` ``[Hq, D]``, evict."""
+        if self.cache is None:
+            raise RuntimeError("decode before prefill")
+        cache = self.cache.append(key, value, position)
+        keys, q = cache.keys.float(), query.float()
+        if self.options.positions == "rank":
+            ranks = torch.arange(cache.size).expand_as(cache.positions)
+            keys = rope_rotate(keys, ranks - cache.positions, self.inv_freq)
+            q = rope_rotate(q[:, None], torch.full((q.shape[0], 1), cache.size - 1 - position),
+                            self.inv_freq)[:, 0]
+        num_kv_heads = keys.shape[0]
+        group = q.shape[0] // num_kv_heads
+        logits = torch.einsum("hgd,hnd->hgn", q.view(num_kv_heads, group, -1), keys) * self.scale
+        probs = torch.softmax(logits, dim=-1)  # [Hk, G, n]
+        out = torch.einsum("hgn,hnd->hgd", probs, cache.values.float()).reshape(q.shape[0], -1)
+        cache.score_sum += probs.mean(1)
+        cache.count += 1
+        if cache.size > self.options.budget:
+            o = self.options
+            dropped = self.schedule.evict(cache.average()[:, o.sink : o.sink + o.tree + 1])
+            cache = cache.drop(dropped + o.sink)
+        self.cache = cache
+        return out
