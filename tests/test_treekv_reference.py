@@ -122,3 +122,24 @@ def test_decode_attends_over_kept_tokens_at_the_chosen_positions(positions: str)
             expected.append(causal_gqa_attention(query, keys, v[kept, head : head + 1], SCALE,
                                                   len(kept) - 1)[0])
         torch.testing.assert_close(out, torch.cat(expected), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["rank", "original"])
+def test_prefill_chunks_within_budget_are_exact_dense_attention(positions: str) -> None:
+    q, k, v, _, _ = sequence(60)
+    tree = TreeKV(TreeKVOptions(budget=64, sink=4, recent=20, prefill_block=8, positions=positions),
+                  SCALE, INV_FREQ)
+    out = [tree.extend(q[a:b], k[a:b], v[a:b], a) for a, b in [(0, 17), (17, 40), (40, 41), (41, 60)]]
+    torch.testing.assert_close(torch.cat(out), causal_gqa_attention(q, k, v, SCALE, 0),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_stays_within_budget() -> None:
+    o = TreeKVOptions(budget=64, sink=4, recent=20, prefill_block=8)
+    q, k, v, _, _ = sequence(400, seed=4)
+    tree = TreeKV(o, SCALE, INV_FREQ)
+    for a in range(0, 400, 50):
+        tree.extend(q[a : a + 50], k[a : a + 50], v[a : a + 50], a)
+        assert tree.cache.size <= 64
+        assert (tree.cache.positions[:, :4] == torch.arange(4)).all()
+        assert (tree.cache.positions[:, -20:] == torch.arange(a + 30, a + 50)).all()

@@ -11,7 +11,9 @@ dense, distant context sparse, with a smooth transition.
 
 Prefill of a prompt longer than the budget applies the same schedule to blocks of
 ``prefill_block`` tokens, scored by the attention of the prompt's last block (the observation
-window). Choices the paper leaves open, made here:
+window). vLLM prefills long prompts in chunks, so a prefill chunk is applied to the cache left by
+the previous chunks: its entries (old and new) form the blocks. A single chunk is the paper's rule.
+Choices the paper leaves open, made here:
 
 * the middle (neither sink nor recent) is cut into blocks from its newest end; the ``m mod b``
   oldest middle tokens that do not fill a block are dropped (they are the context the tree keeps
@@ -29,7 +31,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kvfold.attention_backends.paged.attention import causal_gqa_attention
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 
 
@@ -104,15 +105,9 @@ class LayerCache:
         order = torch.arange(self.size).expand_as(keep)[keep].view(keep.shape[0], -1)
         return self.take(order)
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, position: int) -> LayerCache:
-        heads = self.positions.shape[0]
-        return LayerCache(
-            keys=torch.cat([self.keys, key[:, None].to(self.keys.dtype)], 1),
-            values=torch.cat([self.values, value[:, None].to(self.values.dtype)], 1),
-            positions=torch.cat([self.positions, self.positions.new_full((heads, 1), position)], 1),
-            score_sum=torch.cat([self.score_sum, self.score_sum.new_zeros(heads, 1)], 1),
-            count=torch.cat([self.count, self.count.new_zeros(heads, 1)], 1),
-        )
+    def concat(self, other: LayerCache) -> LayerCache:
+        return LayerCache(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name).to(
+            getattr(self, f.name).dtype)], 1) for f in fields(self)})
 
 
 def _group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -120,8 +115,18 @@ def _group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return probs.view(num_kv_heads, probs.shape[0] // num_kv_heads, *probs.shape[1:]).mean(1)
 
 
+def _visible(size: int, num_new: int) -> torch.Tensor:
+    """``[num_new, size]``: entry j is visible to new token i when older, or new and at most i."""
+    return torch.arange(size)[None, :] <= torch.arange(size - num_new, size)[:, None]
+
+
 class TreeKV:
-    """TreeKV for one request and one layer: :meth:`prefill`, then :meth:`decode` per token."""
+    """TreeKV for one request and one layer: feed it the sequence chunk by chunk with :meth:`extend`.
+
+    A chunk of one token is a decode step (token-level rule); a longer chunk is a prefill chunk
+    (block-level rule over the cache entries, scored by the chunk's last block). A whole prompt in
+    one chunk is the paper's prefill; vLLM's chunked prefill feeds several chunks.
+    """
 
     def __init__(self, options: TreeKVOptions, scale: float, inv_freq: torch.Tensor | None = None) -> None:
         if options.positions == "rank" and inv_freq is None:
@@ -132,35 +137,64 @@ class TreeKV:
         self.schedule = TreeSchedule(options.tree)
         self.cache: LayerCache | None = None
 
-    def prefill(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A whole prompt (``[L, H, D]``, positions 0..L-1) as one chunk."""
+        self.cache = None
+        return self.extend(query, key, value, 0)
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: int) -> torch.Tensor:
+        """One token: ``query`` ``[Hq, D]``, ``key``/``value`` ``[Hk, D]``."""
+        return self.extend(query[None], key[None], value[None], position)[0]
+
+    def extend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int
     ) -> torch.Tensor:
-        """Attention of a whole prompt (``[L, H, D]``, positions 0..L-1) and its compressed cache."""
-        length, num_kv_heads = key.shape[0], key.shape[1]
-        out = causal_gqa_attention(query, key, value, self.scale, 0)
-        window = min(self.options.prefill_block, length)
-        q = query[length - window :].float()  # observation window: the prompt's last block
-        logits = torch.einsum("qhd,khd->hqk", q, key.float().repeat_interleave(
-            query.shape[1] // num_kv_heads, dim=1)) * self.scale
-        q_pos = torch.arange(length - window, length)[:, None]
-        logits = logits.masked_fill(torch.arange(length)[None, :] > q_pos, float("-inf"))
-        probs = _group_mean(torch.softmax(logits, dim=-1), num_kv_heads)  # [Hk, w, L]
-        seen = (torch.arange(length)[None, :] <= q_pos).sum(0).float()  # window queries per key
-        self.cache = LayerCache(
-            keys=key.transpose(0, 1).contiguous(),
-            values=value.transpose(0, 1).contiguous(),
-            positions=torch.arange(length).expand(num_kv_heads, -1).contiguous(),
-            score_sum=probs.sum(1),
-            count=seen.expand(num_kv_heads, -1).contiguous(),
+        """Append tokens ``start ..`` (``[q, H, D]``), attend causally over the cache, then evict."""
+        num_new, num_kv_heads = key.shape[0], key.shape[1]
+        new = LayerCache(
+            keys=key.transpose(0, 1),
+            values=value.transpose(0, 1),
+            positions=torch.arange(start, start + num_new).expand(num_kv_heads, -1),
+            score_sum=torch.zeros(num_kv_heads, num_new),
+            count=torch.zeros(num_kv_heads, num_new),
         )
-        if length > self.options.budget:
-            self.cache = self.cache.take(self._prefill_selection(self.cache.average()))
-        self.schedule.cursor = 0
+        cache = new if self.cache is None else self.cache.concat(new)
+        probs, out = self._attend(cache, query, start)  # probs [Hk, G, q, n]
+        window = 1 if num_new == 1 else min(self.options.prefill_block, num_new)
+        cache.score_sum += probs[:, :, num_new - window :].sum(2).mean(1)
+        cache.count += _visible(cache.size, num_new)[num_new - window :].sum(0).float()
+        if cache.size > self.options.budget:
+            cache = self._evict_token(cache) if num_new == 1 else cache.take(self._evict_blocks(cache))
+        if num_new > 1:
+            self.schedule.cursor = 0
+        self.cache = cache
         return out
 
-    def _prefill_selection(self, avg: torch.Tensor) -> torch.Tensor:
-        """Token indices ``[Hk, kept]`` after block-level tree eviction of the prompt's middle."""
+    def _attend(self, cache: LayerCache, query: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        num_new, n = query.shape[0], cache.size
+        num_kv_heads = cache.keys.shape[0]
+        keys, q = cache.keys.float(), query.float().transpose(0, 1)  # q: [Hq, q, D]
+        if self.options.positions == "rank":
+            ranks = torch.arange(n).expand_as(cache.positions)
+            keys = rope_rotate(keys, ranks - cache.positions, self.inv_freq)
+            q_ranks = torch.arange(n - num_new, n) - torch.arange(start, start + num_new)
+            q = rope_rotate(q, q_ranks.expand(q.shape[0], -1), self.inv_freq)
+        group = q.shape[0] // num_kv_heads
+        logits = torch.einsum("hgqd,hnd->hgqn", q.reshape(num_kv_heads, group, num_new, -1), keys)
+        visible = _visible(n, num_new)
+        probs = torch.softmax((logits * self.scale).masked_fill(~visible, float("-inf")), dim=-1)
+        out = torch.einsum("hgqn,hnd->qhgd", probs, cache.values.float())
+        return probs, out.reshape(num_new, q.shape[0], -1)
+
+    def _evict_token(self, cache: LayerCache) -> LayerCache:
         o = self.options
+        dropped = self.schedule.evict(cache.average()[:, o.sink : o.sink + o.tree + 1])
+        return cache.drop(dropped + o.sink)
+
+    def _evict_blocks(self, cache: LayerCache) -> torch.Tensor:
+        """Entry indices ``[Hk, kept]`` after block-level tree eviction of the cache's middle."""
+        o = self.options
+        avg = cache.average()
         heads, length = avg.shape
         block = o.prefill_block
         middle = length - o.sink - o.recent
@@ -175,32 +209,7 @@ class TreeKV:
                 keep = torch.ones_like(kept, dtype=torch.bool)
                 keep[torch.arange(heads), dropped] = False
                 kept = kept[keep].view(heads, -1)
-        tree_tokens = (start + kept[..., None] * block + torch.arange(block)).flatten(1)
+        tree_entries = (start + kept[..., None] * block + torch.arange(block)).flatten(1)
         sink = torch.arange(o.sink).expand(heads, -1)
         recent = torch.arange(length - o.recent, length).expand(heads, -1)
-        return torch.cat([sink, tree_tokens, recent], 1)
-
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: int) -> torch.Tensor:
-        """One step: append ``key``/``value`` ``[Hk, D]``, attend with ``query`` ``[Hq, D]``, evict."""
-        if self.cache is None:
-            raise RuntimeError("decode before prefill")
-        cache = self.cache.append(key, value, position)
-        keys, q = cache.keys.float(), query.float()
-        if self.options.positions == "rank":
-            ranks = torch.arange(cache.size).expand_as(cache.positions)
-            keys = rope_rotate(keys, ranks - cache.positions, self.inv_freq)
-            q = rope_rotate(q[:, None], torch.full((q.shape[0], 1), cache.size - 1 - position),
-                            self.inv_freq)[:, 0]
-        num_kv_heads = keys.shape[0]
-        group = q.shape[0] // num_kv_heads
-        logits = torch.einsum("hgd,hnd->hgn", q.view(num_kv_heads, group, -1), keys) * self.scale
-        probs = torch.softmax(logits, dim=-1)  # [Hk, G, n]
-        out = torch.einsum("hgn,hnd->hgd", probs, cache.values.float()).reshape(q.shape[0], -1)
-        cache.score_sum += probs.mean(1)
-        cache.count += 1
-        if cache.size > self.options.budget:
-            o = self.options
-            dropped = self.schedule.evict(cache.average()[:, o.sink : o.sink + o.tree + 1])
-            cache = cache.drop(dropped + o.sink)
-        self.cache = cache
-        return out
+        return torch.cat([sink, tree_entries, recent], 1)
