@@ -100,14 +100,18 @@ class LayerCache:
 
     def drop(self, index: torch.Tensor) -> LayerCache:
         """Without entry ``index[h]`` of each head ``h``."""
-        keep = torch.ones_like(self.positions, dtype=torch.bool)
-        keep[torch.arange(keep.shape[0]), index] = False
-        order = torch.arange(self.size).expand_as(keep)[keep].view(keep.shape[0], -1)
-        return self.take(order)
+        return self.take(keep_all_but(index, self.size))
 
     def concat(self, other: LayerCache) -> LayerCache:
         return LayerCache(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name).to(
             getattr(self, f.name).dtype)], 1) for f in fields(self)})
+
+
+def keep_all_but(dropped: torch.Tensor, size: int) -> torch.Tensor:
+    """``[H, size - 1]`` indices of each head's entries except ``dropped[h]``, in order."""
+    keep = torch.ones(dropped.shape[0], size, dtype=torch.bool)
+    keep[torch.arange(dropped.shape[0]), dropped] = False
+    return torch.arange(size).expand_as(keep)[keep].view(dropped.shape[0], -1)
 
 
 def _group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -136,6 +140,8 @@ class TreeKV:
         self.inv_freq = inv_freq
         self.schedule = TreeSchedule(options.tree)
         self.cache: LayerCache | None = None
+        #: After :meth:`extend`: per head, which of (cache before, new tokens) each kept entry is.
+        self.kept_index = torch.empty(0, 0, dtype=torch.long)
 
     def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """A whole prompt (``[L, H, D]``, positions 0..L-1) as one chunk."""
@@ -163,11 +169,13 @@ class TreeKV:
         window = 1 if num_new == 1 else min(self.options.prefill_block, num_new)
         cache.score_sum += probs[:, :, num_new - window :].sum(2).mean(1)
         cache.count += _visible(cache.size, num_new)[num_new - window :].sum(0).float()
+        kept = torch.arange(cache.size).expand(num_kv_heads, -1)
         if cache.size > self.options.budget:
-            cache = self._evict_token(cache) if num_new == 1 else cache.take(self._evict_blocks(cache))
+            kept = self._evict_token(cache) if num_new == 1 else self._evict_blocks(cache)
+            cache = cache.take(kept)
         if num_new > 1:
             self.schedule.cursor = 0
-        self.cache = cache
+        self.cache, self.kept_index = cache, kept
         return out
 
     def _attend(self, cache: LayerCache, query: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +194,11 @@ class TreeKV:
         out = torch.einsum("hgqn,hnd->qhgd", probs, cache.values.float())
         return probs, out.reshape(num_new, q.shape[0], -1)
 
-    def _evict_token(self, cache: LayerCache) -> LayerCache:
+    def _evict_token(self, cache: LayerCache) -> torch.Tensor:
+        """Entry indices ``[Hk, budget]`` after one decode-step eviction in the tree region."""
         o = self.options
         dropped = self.schedule.evict(cache.average()[:, o.sink : o.sink + o.tree + 1])
-        return cache.drop(dropped + o.sink)
+        return keep_all_but(dropped + o.sink, cache.size)
 
     def _evict_blocks(self, cache: LayerCache) -> torch.Tensor:
         """Entry indices ``[Hk, kept]`` after block-level tree eviction of the cache's middle."""

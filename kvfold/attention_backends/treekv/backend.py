@@ -1,0 +1,240 @@
+"""KVFOLD_TREEKV on vLLM: TreeKV's fixed budget inside vLLM's paged allocator.
+
+Accounting: ``customize_spec`` turns the layer's spec into a ``SlidingWindowSpec`` with window
+``budget + 1``, so vLLM itself releases a request's blocks whose positions all lie more than
+``budget`` tokens back, admits requests by that bound and reports the larger max concurrency.
+Eviction happens in slot space: each step, per request and layer, the entries TreeKV keeps
+(different ones per head) are read from the request's live blocks, the new tokens are attended and
+evicted exactly as in ``reference.TreeKV``, and the kept entries are written back into slots of
+blocks that survive the next release. This path is pure torch (the specification of the GPU
+kernels, which do not exist yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.attention.backend import AttentionLayer
+from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
+
+from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
+from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.treekv.options import TreeKVOptions
+from kvfold.attention_backends.treekv.pages import PageViews, content_bytes
+from kvfold.attention_backends.treekv.reference import LayerCache, TreeKV
+from kvfold.options import KvfoldConfigError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+NAME = "KVFOLD_TREEKV"
+NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0; released blocks appear as it in block tables
+
+# vLLM asks for the KV spec outside its config context; the layers built in this process under
+# the config recorded the options first.
+_options_seen: TreeKVOptions | None = None
+
+
+def rope_inv_freq(vllm_config: VllmConfig, head_size: int) -> torch.Tensor:
+    """Inverse frequencies of the model's plain neox RoPE; other RoPE variants are refused."""
+    hf = vllm_config.model_config.hf_text_config
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise KvfoldConfigError(
+            f'{NAME}: positions="rank" re-rotates keys with plain RoPE; this model uses '
+            f'rope_type {rope_type!r}. Use {{"kvfold": {{"positions": "original"}}}}.'
+        )
+    theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+    factor = float(params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0)))
+    rotary = int(head_size * factor)
+    return 1.0 / (theta ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))
+
+
+class TreeKVImpl(KvfoldImpl):
+    method_name = NAME
+    options_model = TreeKVOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        global _options_seen
+        super().__init__(*args, **kwargs)
+        from vllm.config import get_current_vllm_config
+
+        config = get_current_vllm_config()
+        self.dtype = config.model_config.dtype
+        self.head_size_v = self.head_size
+        self.inv_freq = (
+            rope_inv_freq(config, self.head_size) if self.options.positions == "rank" else None
+        )
+        _options_seen = self.options
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: PagedMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{NAME} does not fuse output quantization")
+        if attn_metadata is None:  # profiling / dummy run
+            return output
+        pages = PageViews.of(kv_cache, self.head_size, self.head_size_v, self.dtype)
+        md = attn_metadata
+        for i, start, end, seq_len in md.requests():
+            output[start:end] = self._request_step(
+                pages, md.block_table[i], md.slot_mapping[start:end], seq_len,
+                query[start:end], key[start:end], value[start:end],
+            ).to(output.dtype)
+        return output
+
+    def _request_step(
+        self,
+        pages: PageViews,
+        block_row: torch.Tensor,
+        new_slots: torch.Tensor,
+        seq_len: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> torch.Tensor:
+        block_size = pages.position.shape[2]
+        num_new = query.shape[0]
+        num_old = seq_len - num_new
+        blocks = block_row[: -(-seq_len // block_size)].long()
+        natural = torch.arange(blocks.numel() * block_size, device=blocks.device)
+        slots = blocks.repeat_interleave(block_size) * block_size + natural % block_size
+        live = blocks.repeat_interleave(block_size) != NULL_BLOCK
+
+        tree = TreeKV(self.options, self.scale, self.inv_freq)
+        old_slots = self._read_entries(pages, slots[live & (natural < num_old)], tree)
+        out = tree.extend(query, key, value, num_old)
+
+        # Where each kept entry is now: an old slot, or (new tokens) its slot from vLLM.
+        kept = tree.cache
+        index = tree.kept_index  # [Hk, kept] into old entries, then new tokens
+        current = torch.cat([old_slots, new_slots.long().expand(old_slots.shape[0], -1)], 1)
+        current = current.gather(1, index)
+        # The next step releases blocks whose positions all lie below seq_len - budget.
+        surviving = live & (natural < seq_len) & (
+            (natural // block_size + 1) * block_size > seq_len - self.options.budget
+        )
+        self._write_entries(pages, kept, current, slots[surviving], tree.schedule.cursor)
+        return out
+
+    def _read_entries(self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV) -> torch.Tensor:
+        """Load the kept entries found in ``candidates`` slots into ``tree``; returns their slots."""
+        heads = pages.position.shape[1]
+        block_size = pages.position.shape[2]
+        blk, off = candidates // block_size, candidates % block_size
+        position = pages.position[blk, :, off].T  # [Hk, S]
+        valid = position >= 0
+        counts = valid.sum(1)
+        if counts.numel() and bool((counts != counts[0]).any()):
+            raise RuntimeError(f"{NAME}: KV heads hold different entry counts {counts.tolist()}")
+        num = int(counts[0]) if counts.numel() else 0
+        if num == 0:
+            return candidates.new_empty(heads, 0)
+        sentinel = torch.iinfo(torch.int32).max
+        order = torch.where(valid, position, sentinel).argsort(dim=1, stable=True)[:, :num]
+        entry_slots = candidates[order]  # [Hk, num], position order per head
+        b, o, h = entry_slots // block_size, entry_slots % block_size, torch.arange(heads)[:, None]
+        tree.cache = LayerCache(
+            keys=pages.k[b, h, o], values=pages.v[b, h, o], positions=pages.position[b, h, o].long(),
+            score_sum=pages.score_sum[b, h, o], count=pages.count[b, h, o],
+        )
+        tree.schedule.cursor = int(pages.cursor[b[0, 0], 0, o[0, 0]])
+        return entry_slots
+
+    @staticmethod
+    def _write_entries(
+        pages: PageViews, kept: LayerCache, current: torch.Tensor, surviving: torch.Tensor, cursor: int
+    ) -> None:
+        """Store ``kept`` in surviving slots: an entry stays where it is if that slot survives."""
+        heads, num = current.shape
+        block_size = pages.position.shape[2]
+        stays = torch.isin(current, surviving)
+        target = current.clone()
+        for h in range(heads):
+            free = surviving[~torch.isin(surviving, current[h, stays[h]])]
+            movers = (~stays[h]).nonzero().flatten()
+            if movers.numel() > free.numel():
+                raise RuntimeError(f"{NAME}: {movers.numel()} entries to move, {free.numel()} free slots")
+            target[h, movers] = free[: movers.numel()]
+        # Free every surviving slot, then write the kept entries (free marks are overwritten).
+        sb, so = surviving // block_size, surviving % block_size
+        pages.position[sb, :, so] = -1
+        b, o, h = target // block_size, target % block_size, torch.arange(heads)[:, None]
+        pages.k[b, h, o] = kept.keys.to(pages.k.dtype)
+        pages.v[b, h, o] = kept.values.to(pages.v.dtype)
+        pages.position[b, h, o] = kept.positions.to(torch.int32)
+        pages.score_sum[b, h, o] = kept.score_sum.float()
+        pages.count[b, h, o] = kept.count.float()
+        pages.cursor[b, h, o] = cursor
+
+
+class TreeKVBackend(KvfoldBackend):
+    options_model = TreeKVOptions
+    forward_includes_kv_cache_update = True  # writes need positions, which forward has
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[TreeKVImpl]:
+        return TreeKVImpl
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        if isinstance(spec, SlidingWindowSpec) and spec.dtype == torch.uint8:
+            return spec  # vLLM may call this more than once
+        options = _current_options()
+        shared = {f.name for f in fields(SlidingWindowSpec)}
+        base = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in shared and f.init}
+        base.update(
+            dtype=torch.uint8,
+            state_content_bytes=content_bytes(spec.head_size, spec.head_size_v, spec.dtype),
+            sliding_window=options.budget + 1,
+        )
+        return SlidingWindowSpec(**base)
+
+    @classmethod
+    def check_vllm_config(cls, options: TreeKVOptions, vllm_config: VllmConfig) -> None:
+        if vllm_config.cache_config.enable_prefix_caching:
+            raise KvfoldConfigError(
+                f"{NAME} rewrites cache blocks in place, so prefix caching cannot share them: "
+                "start vLLM with --no-enable-prefix-caching"
+            )
+        max_len = vllm_config.model_config.max_model_len
+        if options.budget >= max_len:
+            raise KvfoldConfigError(
+                f"{NAME}: budget {options.budget} >= max model length {max_len}; nothing would be "
+                "evicted (use the dense backend, or a smaller budget)"
+            )
+        if vllm_config.speculative_config is not None:
+            raise KvfoldConfigError(f"{NAME} does not support speculative decoding")
+        if options.positions == "rank":
+            head_size = vllm_config.model_config.get_head_size()
+            rope_inv_freq(vllm_config, head_size)
+
+
+def _current_options() -> TreeKVOptions:
+    from vllm.config import get_current_vllm_config_or_none
+
+    from kvfold.attention_backends.selection import options_for
+
+    config = get_current_vllm_config_or_none()
+    if config is not None:
+        return options_for(NAME, config.additional_config)
+    if _options_seen is None:
+        raise KvfoldConfigError(f"{NAME}: options unknown outside vLLM's config context")
+    return _options_seen
