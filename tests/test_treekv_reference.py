@@ -34,7 +34,7 @@ def test_defaults_are_the_papers() -> None:
 
 def test_options_that_leave_no_tree_are_refused() -> None:
     with pytest.raises(KvfoldConfigError, match="leaves 8 tree slots"):
-        parse_options("KVFOLD_TREEKV", TreeKVOptions, {"budget": 520})
+        parse_options("KVFOLD_TREEKV", TreeKVOptions, {"budget": 520, "recent": 508})
     with pytest.raises(KvfoldConfigError, match="option 'positions'"):
         parse_options("KVFOLD_TREEKV", TreeKVOptions, {"positions": "relative"})
 
@@ -143,3 +143,10 @@ def test_chunked_prefill_stays_within_budget() -> None:
         assert tree.cache.size <= 64
         assert (tree.cache.positions[:, :4] == torch.arange(4)).all()
         assert (tree.cache.positions[:, -20:] == torch.arange(a + 30, a + 50)).all()
+
+
+def test_budget_alone_keeps_the_papers_split() -> None:
+    o = parse_options("KVFOLD_TREEKV", TreeKVOptions, {"budget": 2048})
+    assert (o.sink, o.tree, o.recent) == (4, 1024, 1020)
+    o = parse_options("KVFOLD_TREEKV", TreeKVOptions, {"budget": 2048, "recent": 100})
+    assert (o.tree, o.recent) == (1944, 100)

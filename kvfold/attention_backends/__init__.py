@@ -6,6 +6,7 @@ stay import-light: vLLM's plugin loader imports it in every process before anyth
 
 BACKENDS: dict[str, str] = {
     "KVFOLD_DENSE": "kvfold.attention_backends.dense.backend.DenseBackend",
+    "KVFOLD_TREEKV": "kvfold.attention_backends.treekv.backend.TreeKVBackend",
 }
 
 #: ``--attention-backend CUSTOM`` dispatches to the method named in ``{"kvfold": {"method": ...}}``.

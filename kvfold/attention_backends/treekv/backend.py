@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 NAME = "KVFOLD_TREEKV"
-NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0; released blocks appear as it in block tables
 
 # vLLM asks for the KV spec outside its config context; the layers built in this process under
 # the config recorded the options first.
@@ -111,7 +110,11 @@ class TreeKVImpl(KvfoldImpl):
         blocks = block_row[: -(-seq_len // block_size)].long()
         natural = torch.arange(blocks.numel() * block_size, device=blocks.device)
         slots = blocks.repeat_interleave(block_size) * block_size + natural % block_size
-        live = blocks.repeat_interleave(block_size) != NULL_BLOCK
+        block_end = (natural // block_size + 1) * block_size
+        # The window manager released, before this step, every block lying wholly more than
+        # `budget` tokens behind the computed tokens. The worker's block table still lists those
+        # ids (now possibly another request's), so liveness comes from that rule, not the table.
+        live = block_end > num_old - self.options.budget
 
         tree = TreeKV(self.options, self.scale, self.inv_freq)
         old_slots = self._read_entries(pages, slots[live & (natural < num_old)], tree)
@@ -123,10 +126,9 @@ class TreeKVImpl(KvfoldImpl):
         current = torch.cat([old_slots, new_slots.long().expand(old_slots.shape[0], -1)], 1)
         current = current.gather(1, index)
         # The next step releases blocks whose positions all lie below seq_len - budget.
-        surviving = live & (natural < seq_len) & (
-            (natural // block_size + 1) * block_size > seq_len - self.options.budget
-        )
-        self._write_entries(pages, kept, current, slots[surviving], tree.schedule.cursor)
+        surviving = (natural < seq_len) & (block_end > seq_len - self.options.budget)
+        in_use = slots[live & (natural < seq_len)]
+        self._write_entries(pages, kept, current, slots[surviving], in_use, tree.schedule.cursor)
         return out
 
     def _read_entries(self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV) -> torch.Tensor:
@@ -155,9 +157,18 @@ class TreeKVImpl(KvfoldImpl):
 
     @staticmethod
     def _write_entries(
-        pages: PageViews, kept: LayerCache, current: torch.Tensor, surviving: torch.Tensor, cursor: int
+        pages: PageViews,
+        kept: LayerCache,
+        current: torch.Tensor,
+        surviving: torch.Tensor,
+        in_use: torch.Tensor,
+        cursor: int,
     ) -> None:
-        """Store ``kept`` in surviving slots: an entry stays where it is if that slot survives."""
+        """Store ``kept`` in surviving slots: an entry stays where it is if that slot survives.
+
+        Every other slot of the request (``in_use``) is marked free, so an entry never appears
+        twice, even while the block it left is still in the block table.
+        """
         heads, num = current.shape
         block_size = pages.position.shape[2]
         stays = torch.isin(current, surviving)
@@ -168,8 +179,8 @@ class TreeKVImpl(KvfoldImpl):
             if movers.numel() > free.numel():
                 raise RuntimeError(f"{NAME}: {movers.numel()} entries to move, {free.numel()} free slots")
             target[h, movers] = free[: movers.numel()]
-        # Free every surviving slot, then write the kept entries (free marks are overwritten).
-        sb, so = surviving // block_size, surviving % block_size
+        # Free every slot, then write the kept entries (their free marks are overwritten).
+        sb, so = in_use // block_size, in_use % block_size
         pages.position[sb, :, so] = -1
         b, o, h = target // block_size, target % block_size, torch.arange(heads)[:, None]
         pages.k[b, h, o] = kept.keys.to(pages.k.dtype)
