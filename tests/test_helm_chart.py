@@ -179,3 +179,36 @@ def test_schema_rejects_bad_values(values: dict, complaint: str) -> None:
     with pytest.raises(helm.HelmValuesError) as refused:
         render(values)
     assert complaint in str(refused.value)
+
+
+def documented_install() -> tuple[str, dict]:
+    """The ``helm install`` command of docs/deployment.md: (chart path, values from its --set)."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    (command,) = [block for block in text.split("```bash\n")[1:] if block.startswith("helm install")]
+    command = command.split("```")[0].replace("\\\n", " ")
+    words = command.split()
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    values: dict = {}
+    for assignment in sets:
+        parsed = helm.parse_set_string(assignment)
+        node, new = values, parsed
+        while isinstance(new, dict) and len(new) == 1:  # merge one dotted path at a time
+            (key, value), = new.items()
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                node, new = node[key], value
+            else:
+                node[key] = value
+                break
+    return words[3], values
+
+
+def test_documented_helm_install_renders() -> None:
+    chart, values = documented_install()
+    assert (REPO / chart).resolve() == CHART
+    assert values["apiKey"]["existingSecret"] == "kvfold-api" and values["model"]["pvc"]["subPath"]
+    objects = render(values)
+    validate_all(objects)
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= set(objects)
+    c = container(objects)
+    assert c["args"][0] == "/models/Qwen2.5-7B-Instruct"
+    assert c["image"] == "registry.example.com/ml/kvfold-vllm:0.1.0"
