@@ -29,6 +29,10 @@ def _answer_vllm_version_lookup() -> None:
 def run(argv: Sequence[str]) -> None:
     """``run(["serve", MODEL, ...])`` is ``vllm serve MODEL ...``."""
     _answer_vllm_version_lookup()
+    if argv and argv[0] == "serve":
+        from kvfold.metrics.multiproc import ensure_multiproc_dir
+
+        ensure_multiproc_dir()  # before vLLM imports prometheus_client
     sys.argv = ["vllm", *argv]
     from vllm.entrypoints.cli.main import main
 

@@ -2,6 +2,12 @@
 
 A method subclasses :class:`KvfoldBackend` (what vLLM asks about the backend: name, supported
 configurations, KV layout) and :class:`KvfoldImpl` (writes new K/V into the cache, attends).
+
+Metrics interface (``kvfold:*`` on ``/metrics``, see ``kvfold.metrics``): a method that shrinks the
+page does so in ``customize_spec`` and :meth:`KvfoldBackend.kv_bytes_per_token` follows from it; a
+method holding state outside the paged cache returns its size from :meth:`KvfoldImpl.state_bytes`;
+a method that drops cached tokens calls ``self.metrics.tokens_evicted(n)``. Exceptions raised by
+``write_kv``/``attend`` are counted by the base class.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from vllm.v1.attention.backend import (
 )
 
 from kvfold.attention_backends.paged.metadata import PagedMetadata, PagedMetadataBuilder
+from kvfold.metrics.worker import BackendMetrics, backend_metrics
 from kvfold.options import KvfoldConfigError, MethodOptions
 
 if TYPE_CHECKING:
@@ -44,6 +51,18 @@ class KvfoldBackend(AttentionBackend):
     @classmethod
     def check_vllm_config(cls, options: MethodOptions, vllm_config: VllmConfig) -> None:
         """Refuse, at start-up, an engine configuration the method cannot serve correctly."""
+
+    @classmethod
+    def kv_bytes_per_token(cls, vllm_config: VllmConfig) -> float:
+        """KV-cache bytes one worker stores per cached token over all its attention layers.
+
+        Derived from this backend's ``customize_spec`` applied to vLLM's standard page, i.e. the
+        page vLLM really allocates; a method overrides ``customize_spec``, not this.
+        """
+        from kvfold.metrics.kv_accounting import attention_layers, bytes_per_token, standard_layer_spec
+
+        spec = cls.customize_spec(standard_layer_spec(vllm_config))
+        return bytes_per_token(spec, attention_layers(vllm_config))
 
 
 class KvfoldImpl(AttentionImpl[PagedMetadata]):
@@ -88,6 +107,9 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         self.options = self._current_options()
+        self.metrics: BackendMetrics = self._current_metrics()
+        # A layer sharing another layer's cache must not count that cache twice.
+        self._cache_reported = kv_sharing_target_layer_name is not None
 
     @classmethod
     def _current_options(cls) -> MethodOptions:
@@ -97,6 +119,18 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
 
         return options_for(cls.method_name, get_current_vllm_config().additional_config)
 
+    @classmethod
+    def _current_metrics(cls) -> BackendMetrics:
+        from vllm.config import get_current_vllm_config
+
+        from kvfold.metrics.names import served_model_name
+
+        return backend_metrics(served_model_name(get_current_vllm_config()), cls.method_name)
+
+    def state_bytes(self) -> int:
+        """Bytes of method state this layer holds outside the paged KV cache (codebooks, bases)."""
+        return 0
+
     def do_kv_cache_update(
         self,
         layer: AttentionLayer,
@@ -105,7 +139,11 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        self.write_kv(layer, key, value, kv_cache, slot_mapping)
+        try:
+            self.write_kv(layer, key, value, kv_cache, slot_mapping)
+        except Exception as exc:
+            self.metrics.error(exc)
+            raise
 
     def forward(
         self,
@@ -123,8 +161,16 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
             raise NotImplementedError(f"{self.method_name} does not fuse output quantization")
         if attn_metadata is None:  # profiling / dummy run: nothing is cached yet
             return output
+        if not self._cache_reported:
+            # The first real forward is the first time this layer sees its allocated cache.
+            self.metrics.layer_ready(kv_cache.numel() * kv_cache.element_size(), self.state_bytes())
+            self._cache_reported = True
         n = attn_metadata.num_actual_tokens
-        self.attend(layer, query[:n], kv_cache, attn_metadata, output[:n])
+        try:
+            self.attend(layer, query[:n], kv_cache, attn_metadata, output[:n])
+        except Exception as exc:
+            self.metrics.error(exc)
+            raise
         return output
 
     def write_kv(

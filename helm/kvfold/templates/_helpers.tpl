@@ -1,0 +1,39 @@
+{{- define "kvfold.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kvfold.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kvfold.labels" -}}
+{{ include "kvfold.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "kvfold.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kvfold.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kvfold.modelPath" -}}
+{{- if eq .Values.model.source "pvc" -}}
+{{- if .Values.model.pvc.subPath -}}
+{{- printf "%s/%s" .Values.model.pvc.mountPath .Values.model.pvc.subPath -}}
+{{- else -}}
+{{- .Values.model.pvc.mountPath -}}
+{{- end -}}
+{{- else -}}
+{{- .Values.model.path -}}
+{{- end -}}
+{{- end -}}
