@@ -4,7 +4,8 @@ Tests start it with ``python tests/engine_driver.py SPEC.json OUT.json`` so ever
 clean process and environment (vLLM's CPU engine always spawns; its children re-import __main__).
 SPEC: {"llm": {LLM kwargs}, "prompts": [[token ids], ...], "max_tokens": N, "plugins_first": bool}
 OUT:  {"tokens": [[...], ...], "logprobs": [[...], ...], "num_gpu_blocks": N, "metrics": {...},
-       "impls": [attention impl class of each layer, as the worker built them]}
+       "impls": [attention impl class of each layer, as the worker built them],
+       "model_class": "module:Class" of the model the worker built}
 With "full_logits": V in SPEC (V = vocab size), the engine runs with logprobs_mode="raw_logits"
 and OUT also holds the model's raw logits over the whole vocabulary:
       "prompt_logits": per prompt, [len - 1][V] (the next-token logits after each prefix but the
@@ -23,7 +24,7 @@ def main(spec_path: str, out_path: str) -> None:
         from vllm.plugins import load_general_plugins
 
         load_general_plugins()
-    from engine_probes import attention_impls  # beside this file, on the workers' sys.path too
+    from engine_probes import attention_impls, model_class  # beside this file, on the workers' sys.path too
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -43,6 +44,7 @@ def main(spec_path: str, out_path: str) -> None:
             for o in outputs
         ],
         "impls": llm.apply_model(attention_impls)[0],
+        "model_class": llm.apply_model(model_class)[0],
         "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
         "metrics": {m.name: getattr(m, "value", None) for m in llm.get_metrics()},
     }
