@@ -162,3 +162,18 @@ def test_rope_pp_weights_without_rope_config_fail_with_a_hint(run_engine, checkp
     run = run_engine(bare, PROMPTS[:1], 1)
     assert run.returncode != 0
     assert "no rope_config (plain Llama)" in run.log and "--hf-overrides" in run.log
+
+
+def test_hf_overrides_supplies_a_missing_rope_config(run_engine, checkpoints, reference,
+                                                    tmp_path) -> None:
+    # The fix the error above names: the same files, rope_config passed at start-up.
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoints["eh"], bare)
+    config = json.loads((bare / "config.json").read_text())
+    rope_config = config.pop("rope_config")
+    (bare / "config.json").write_text(json.dumps(config))
+    run = run_engine(bare, PROMPTS, MAX_TOKENS, full_logits=VOCAB,
+                     hf_overrides={"rope_config": rope_config}, **BACKENDS["CPU_ATTN"])
+    ref = reference("eh")
+    assert max(worst_errors(run, ref)) < TOLERANCE
+    assert run["tokens"] == [r[1] for r in ref]
