@@ -164,3 +164,26 @@ def test_authors_yarn_keeps_fast_and_interpolates_slow_frequencies() -> None:
 def test_head_layout_refuses_non_positive_heads() -> None:
     with pytest.raises(RoPEPPConfigError):
         head_layout(0, 1, 32, "imag2")
+
+
+def test_plugin_registers_the_rope_pp_architectures() -> None:
+    from vllm import ModelRegistry
+
+    from kvfold.models import MODELS
+    from kvfold.vllm_plugins.general import register
+
+    register()
+    for arch in ("LlamaForCausalLM", "RoPEPPLlamaForCausalLM"):
+        entry = ModelRegistry.models[arch]
+        assert f"{entry.module_name}:{entry.class_name}" == MODELS[arch]
+        assert MODELS[arch] == "kvfold.models.rope_pp.vllm_llama:RoPEPPLlamaForCausalLM"
+
+
+def test_the_class_is_vllms_llama() -> None:
+    # Interfaces vLLM checks on the class (PP, LoRA, quantization, ...) are inherited unchanged.
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    from kvfold.models.rope_pp.vllm_llama import RoPEPPLlamaForCausalLM
+
+    assert issubclass(RoPEPPLlamaForCausalLM, LlamaForCausalLM)
+    assert RoPEPPLlamaForCausalLM.packed_modules_mapping == LlamaForCausalLM.packed_modules_mapping
