@@ -24,7 +24,8 @@ def main(spec_path: str, out_path: str) -> None:
         from vllm.plugins import load_general_plugins
 
         load_general_plugins()
-    from engine_probes import attention_impls, model_class  # beside this file, on the workers' sys.path too
+    # beside this file, on the workers' sys.path too
+    from engine_probes import attention_impls, model_class
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -52,7 +53,9 @@ def main(spec_path: str, out_path: str) -> None:
         result["prompt_logits"] = [
             [_dense(lp, vocab) for lp in o.prompt_logprobs[1:]] for o in outputs
         ]
-        result["step_logits"] = [[_dense(lp, vocab) for lp in o.outputs[0].logprobs] for o in outputs]
+        result["step_logits"] = [
+            [_dense(lp, vocab) for lp in o.outputs[0].logprobs] for o in outputs
+        ]
     open(out_path, "w").write(json.dumps(result))
 
 

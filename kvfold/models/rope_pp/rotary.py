@@ -26,7 +26,7 @@ YARN_LOW_TURNS, YARN_HIGH_TURNS = 1.0, 32.0
 def inverse_frequencies(
     head_dim: int, rope_theta: float, rope: RoPEPPConfig
 ) -> tuple[torch.Tensor, float]:
-    """``(inv_freq [head_dim/2] float32, mscale)`` for ``rope``; cos and sin are scaled by mscale."""
+    """``(inv_freq [head_dim/2] float32, mscale)`` for ``rope``; cos and sin get x mscale."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (rope_theta**exponents)
     if rope.yarn:

@@ -47,10 +47,10 @@ def _split_heads(total: int, tp: int, what: str) -> int:
     """Heads of ``what`` on one tensor-parallel rank; replicated when fewer than ranks (KV)."""
     if total >= tp:
         if total % tp:
-            raise RoPEPPConfigError(f"{total} {what} cannot be split over tensor_parallel_size {tp}")
+            raise RoPEPPConfigError(f"{total} {what} cannot be split over {tp} TP ranks")
         return total // tp
     if tp % total:
-        raise RoPEPPConfigError(f"{total} {what} cannot be replicated over tensor_parallel_size {tp}")
+        raise RoPEPPConfigError(f"{total} {what} cannot be replicated over {tp} TP ranks")
     return 1
 
 
