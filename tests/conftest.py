@@ -52,15 +52,20 @@ class EngineRun:
 
 @pytest.fixture(scope="session")
 def run_engine(tmp_path_factory: pytest.TempPathFactory):
-    """``run_engine(model, prompts, max_tokens, env={...}, **llm_kwargs) -> EngineRun``."""
+    """``run_engine(model, prompts, max_tokens, env={...}, **llm_kwargs) -> EngineRun``.
+
+    ``full_logits=V`` also returns raw logits over the whole vocabulary (see engine_driver.py).
+    """
     counter = iter(range(1000))
     tmp_path = tmp_path_factory.mktemp("engines")
 
     def run(model: Path, prompts: list[list[int]], max_tokens: int, *, env: dict | None = None,
-            plugins_first: bool = False, timeout: float = 600, **llm) -> EngineRun:
+            plugins_first: bool = False, full_logits: int | None = None,
+            timeout: float = 600, **llm) -> EngineRun:
         tag = next(counter)
         spec = {"llm": {"model": str(model), **ENGINE_DEFAULTS, **llm}, "prompts": prompts,
-                "max_tokens": max_tokens, "plugins_first": plugins_first}
+                "max_tokens": max_tokens, "plugins_first": plugins_first,
+                "full_logits": full_logits}
         spec_path, out_path = tmp_path / f"spec{tag}.json", tmp_path / f"out{tag}.json"
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run(

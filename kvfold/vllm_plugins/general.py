@@ -10,6 +10,7 @@ import logging
 
 import kvfold
 from kvfold.attention_backends import BACKENDS, CUSTOM_BACKEND
+from kvfold.models import MODELS
 
 logger = logging.getLogger("vllm.kvfold")  # vLLM configures its "vllm" logger tree
 
@@ -27,6 +28,7 @@ def register() -> None:
     for name in BACKENDS:
         ensure_member(name)
     _claim_custom()
+    _register_models()
     from kvfold.vllm_plugins.platform import extend_current_platform
 
     extend_current_platform()
@@ -46,6 +48,13 @@ def ensure_member(name: str):
     member = AttentionBackendEnum[name]
     member.__reduce_ex__ = lambda protocol, _name=name: (ensure_member, (_name,))
     return member
+
+
+def _register_models() -> None:
+    from vllm import ModelRegistry
+
+    for arch, qualname in MODELS.items():
+        ModelRegistry.register_model(arch, qualname)  # lazy "module:Class": imported on use
 
 
 def _claim_custom() -> None:
