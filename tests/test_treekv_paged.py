@@ -48,8 +48,17 @@ class SlidingAllocator:
 
 @pytest.fixture(scope="module")
 def vllm_config(tiny_llama):
-    model = ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=4096)
-    return VllmConfig(model_config=model, additional_config={"kvfold": dict(OPTIONS)})
+    from vllm.config import AttentionConfig, CacheConfig
+
+    from kvfold.vllm_plugins.general import register
+
+    register()  # as vLLM does in every process: the name exists and options are checked
+    return VllmConfig(
+        model_config=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=4096),
+        cache_config=CacheConfig(enable_prefix_caching=False),
+        attention_config=AttentionConfig(backend="KVFOLD_TREEKV"),
+        additional_config={"kvfold": dict(OPTIONS)},
+    )
 
 
 @pytest.mark.parametrize("positions", ["rank", "original"])

@@ -41,15 +41,17 @@ class DenseImpl(KvfoldImpl):
         self,
         layer: AttentionLayer,
         query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: PagedMetadata,
         output: torch.Tensor,
     ) -> None:
         for i, start, end, seq_len in metadata.requests():
             kv = gather_tokens(kv_cache, metadata.block_table[i], seq_len)
-            key, value = kv[..., : self.head_size], kv[..., self.head_size :]
+            cached_k, cached_v = kv[..., : self.head_size], kv[..., self.head_size :]
             out = causal_gqa_attention(
-                query[start:end], key, value, self.scale, seq_len - (end - start)
+                query[start:end], cached_k, cached_v, self.scale, seq_len - (end - start)
             )
             output[start:end] = out.to(output.dtype)
 

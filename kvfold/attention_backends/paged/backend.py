@@ -167,7 +167,7 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
             self._cache_reported = True
         n = attn_metadata.num_actual_tokens
         try:
-            self.attend(layer, query[:n], kv_cache, attn_metadata, output[:n])
+            self.attend(layer, query[:n], key[:n], value[:n], kv_cache, attn_metadata, output[:n])
         except Exception as exc:
             self.metrics.error(exc)
             raise
@@ -187,9 +187,15 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         self,
         layer: AttentionLayer,
         query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: PagedMetadata,
         output: torch.Tensor,
     ) -> None:
-        """Write attention of ``query`` ``[T, Hq, D]`` into ``output`` ``[T, Hq, Dv]``."""
+        """Write attention of ``query`` ``[T, Hq, D]`` into ``output`` ``[T, Hq, Dv]``.
+
+        ``key``/``value`` are this step's new tokens; a backend whose ``forward_includes_kv_cache_update``
+        is False has already stored them through :meth:`write_kv`.
+        """
         raise NotImplementedError

@@ -55,6 +55,7 @@ def rope_inv_freq(vllm_config: VllmConfig, head_size: int) -> torch.Tensor:
 class TreeKVImpl(KvfoldImpl):
     method_name = NAME
     options_model = TreeKVOptions
+    _reporter_taken = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         global _options_seen
@@ -68,31 +69,32 @@ class TreeKVImpl(KvfoldImpl):
             rope_inv_freq(config, self.head_size) if self.options.positions == "rank" else None
         )
         _options_seen = self.options
+        # Every layer drops the same number of tokens per KV head; the first layer built in this
+        # worker reports them, so kvfold:tokens_evicted counts tokens, not tokens x layers.
+        self._reports_evictions = not TreeKVImpl._reporter_taken
+        TreeKVImpl._reporter_taken = True
 
-    def forward(
+    def attend(
         self,
         layer: AttentionLayer,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: PagedMetadata,
+        metadata: PagedMetadata,
         output: torch.Tensor,
-        output_scale: torch.Tensor | None = None,
-        output_block_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError(f"{NAME} does not fuse output quantization")
-        if attn_metadata is None:  # profiling / dummy run
-            return output
+    ) -> None:
         pages = PageViews.of(kv_cache, self.head_size, self.head_size_v, self.dtype)
-        md = attn_metadata
-        for i, start, end, seq_len in md.requests():
-            output[start:end] = self._request_step(
-                pages, md.block_table[i], md.slot_mapping[start:end], seq_len,
+        evicted = 0
+        for i, start, end, seq_len in metadata.requests():
+            out, dropped = self._request_step(
+                pages, metadata.block_table[i], metadata.slot_mapping[start:end], seq_len,
                 query[start:end], key[start:end], value[start:end],
-            ).to(output.dtype)
-        return output
+            )
+            output[start:end] = out.to(output.dtype)
+            evicted += dropped
+        if evicted and self._reports_evictions:
+            self.metrics.tokens_evicted(evicted)
 
     def _request_step(
         self,
@@ -103,7 +105,8 @@ class TreeKVImpl(KvfoldImpl):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, int]:
+        """Attention output of one request's new tokens, and how many tokens each head dropped."""
         block_size = pages.position.shape[2]
         num_new = query.shape[0]
         num_old = seq_len - num_new
@@ -119,6 +122,7 @@ class TreeKVImpl(KvfoldImpl):
         tree = TreeKV(self.options, self.scale, self.inv_freq)
         old_slots = self._read_entries(pages, slots[live & (natural < num_old)], tree)
         out = tree.extend(query, key, value, num_old)
+        dropped = old_slots.shape[1] + num_new - tree.cache.size
 
         # Where each kept entry is now: an old slot, or (new tokens) its slot from vLLM.
         kept = tree.cache
@@ -129,7 +133,7 @@ class TreeKVImpl(KvfoldImpl):
         surviving = (natural < seq_len) & (block_end > seq_len - self.options.budget)
         in_use = slots[live & (natural < seq_len)]
         self._write_entries(pages, kept, current, slots[surviving], in_use, tree.schedule.cursor)
-        return out
+        return out, dropped
 
     def _read_entries(self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV) -> torch.Tensor:
         """Load the kept entries found in ``candidates`` slots into ``tree``; returns their slots."""
