@@ -37,7 +37,10 @@ def run_demo(ns: argparse.Namespace) -> dict:
         print(f"writing a random 2-layer Llama (GQA 4/2, head dim 64) to {model}")
         write_tiny_model(model, max_position_embeddings=ns.max_model_len)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(ns.kv_cache_gib)}
-    common = ["--max-model-len", str(ns.max_model_len), "--enforce-eager", *ns.extra.split()]
+    # Same engine settings for every backend. Prefix caching is off because TreeKV rewrites blocks;
+    # the step budget bounds the chunk a request holds beside its TreeKV budget.
+    common = ["--max-model-len", str(ns.max_model_len), "--enforce-eager", "--no-enable-prefix-caching",
+              "--max-num-batched-tokens", "512", *ns.extra.split()]
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and _on_cpu():
         common += ["--gpu-memory-utilization", "0.4"]  # on CPU it only gates a free-memory check
     rows = []

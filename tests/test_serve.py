@@ -46,3 +46,26 @@ def test_serve_refuses_bad_options_at_startup(tiny_llama, tmp_path) -> None:
     )
     assert proc.returncode != 0
     assert "unknown option 'bugdet'" in proc.stdout + proc.stderr
+
+
+def test_serve_treekv_with_the_issue_command_shape(tiny_llama, tmp_path) -> None:
+    options = '{"kvfold": {"budget": 256}}'
+    server = Server(tiny_llama, ["--attention-backend", "KVFOLD_TREEKV", "--additional-config", options,
+                                 "--no-enable-prefix-caching", "--max-num-batched-tokens", "128", *ARGS],
+                    tmp_path / "serve.log", env=ENV)
+    with server:
+        long_prompt = [3 + (i * 37) % 250 for i in range(700)]  # longer than the budget
+        out = server.complete(long_prompt, max_tokens=16)
+        assert out["usage"]["completion_tokens"] == 16
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    evicted = [line for line in metrics.splitlines()
+               if line.startswith("kvfold:tokens_evicted_total") and 'backend="KVFOLD_TREEKV"' in line]
+    # The model processes the 700 prompt tokens and 15 generated ones (the 16th is only sampled):
+    # 715 tokens through a 256-token budget drop 459 per KV head.
+    assert evicted and float(evicted[0].split()[-1]) == 459
+    ratio = [line for line in metrics.splitlines() if line.startswith("kvfold:compression_ratio")]
+    # A 1024-token request holds cdiv(256 + 128 in flight, 128) + 1 = 4 blocks of 128 instead of 8,
+    # in pages of 272 bytes per token and head (bf16 K+V + 16 bytes of TreeKV state) instead of 256.
+    assert ratio and float(ratio[0].split()[-1]) == pytest.approx((1024 * 256) / (512 * 272))
+    assert "Using KVFOLD_TREEKV backend" in server.log_text()
+    assert server.process.returncode == 0 and server.stragglers == []

@@ -2,7 +2,8 @@
 
 The bytes come from the same calculation vLLM's allocator uses: build the layer's standard
 ``FullAttentionSpec``, let the backend customize it (``customize_spec``, where a compressing method
-shrinks the page) and divide the page size by the tokens one page holds. vLLM's platform code sizes
+shrinks the page or bounds a request's blocks) and take what a request of ``max_model_len`` tokens
+holds, per token of its context. vLLM's platform code sizes
 hybrid pages the same way (``backend_cls.customize_spec(FullAttentionSpec(...)).page_size_bytes``).
 All numbers are per worker: with tensor parallelism a worker holds its share of the KV heads.
 """
@@ -44,8 +45,15 @@ def attention_layers(vllm_config: VllmConfig) -> int:
     )
 
 
-def bytes_per_token(spec: AttentionSpec, layers: int) -> float:
-    return spec.page_size_bytes * layers / spec.block_size
+def bytes_per_token(spec: AttentionSpec, layers: int, vllm_config: VllmConfig) -> float:
+    """Bytes a request of ``max_model_len`` tokens holds, per token of that context.
+
+    For full attention this is the page size over the block size. A method that bounds a request's
+    blocks (TreeKV's window spec) holds fewer bytes than its context, exactly as vLLM's own
+    max-concurrency figure counts them.
+    """
+    max_len = vllm_config.model_config.max_model_len
+    return spec.max_memory_usage_bytes(vllm_config) * layers / max_len
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class KvAccounting:
 
 def kv_accounting(backend: type[KvfoldBackend], vllm_config: VllmConfig) -> KvAccounting:
     layers = attention_layers(vllm_config)
-    baseline = bytes_per_token(standard_layer_spec(vllm_config, torch.bfloat16), layers)
+    baseline = bytes_per_token(standard_layer_spec(vllm_config, torch.bfloat16), layers, vllm_config)
     return KvAccounting(
         kv_bytes_per_token=backend.kv_bytes_per_token(vllm_config),
         bf16_bytes_per_token=baseline,

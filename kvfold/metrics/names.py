@@ -35,8 +35,9 @@ class MetricFamily:
 
 KV_BYTES_PER_TOKEN = MetricFamily(
     "kvfold:kv_bytes_per_token", "gauge",
-    "KV-cache bytes one worker stores per cached token over all its attention layers, from the "
-    "backend's customized KV spec (vLLM's page size / block size).", "api")
+    "KV-cache bytes one worker holds per context token of a max-model-length request, over all "
+    "its attention layers, from the backend's customized KV spec (page size / block size for full "
+    "attention; less for a method that bounds a request's blocks).", "api")
 KV_BYTES_PER_TOKEN_BF16 = MetricFamily(
     "kvfold:kv_bytes_per_token_bf16_baseline", "gauge",
     "The same for vLLM's standard page at bfloat16 (the uncompressed baseline) for this model and "

@@ -59,10 +59,13 @@ class KvfoldBackend(AttentionBackend):
         Derived from this backend's ``customize_spec`` applied to vLLM's standard page, i.e. the
         page vLLM really allocates; a method overrides ``customize_spec``, not this.
         """
+        from vllm.config import set_current_vllm_config
+
         from kvfold.metrics.kv_accounting import attention_layers, bytes_per_token, standard_layer_spec
 
-        spec = cls.customize_spec(standard_layer_spec(vllm_config))
-        return bytes_per_token(spec, attention_layers(vllm_config))
+        with set_current_vllm_config(vllm_config):  # customize_spec may read the method's options
+            spec = cls.customize_spec(standard_layer_spec(vllm_config))
+        return bytes_per_token(spec, attention_layers(vllm_config), vllm_config)
 
 
 class KvfoldImpl(AttentionImpl[PagedMetadata]):
