@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,23 @@ class KvCapacity:
     tokens: int
     max_model_len: int
     max_concurrency: float
+
+
+def wait_until_ready(
+    url: str, process: subprocess.Popen, timeout: float, log_tail: Callable[[], str]
+) -> None:
+    """Poll ``url`` until it answers 200; fail early, with the log, if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log_tail()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{log_tail()}")
 
 
 def free_port() -> int:
@@ -84,18 +101,12 @@ class Server:
             self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True,  # one process group: the engine core and workers stop with it
         )
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+        try:
+            wait_until_ready(f"{self.url}/health", self.process, self.startup_timeout, self.log_tail)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

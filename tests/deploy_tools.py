@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from kvfold.serving import free_port
+from kvfold.serving import free_port, wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -45,16 +45,8 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_text()
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"prometheus not ready:\n{self.log_text()}")
+        wait_until_ready(f"{self.url}/-/ready", self.process, 60, self.log_text)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
