@@ -41,6 +41,9 @@ def rope_inv_freq(vllm_config: VllmConfig, head_size: int) -> torch.Tensor:
     hf = vllm_config.model_config.hf_text_config
     params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_pp = getattr(hf, "rope_config", None) or {}
+    if isinstance(rope_pp, dict) and (rope_pp.get("factor") or rope_pp.get("yarn")):
+        rope_type = "RoPE++ " + ("yarn" if rope_pp.get("yarn") else "linear factor")
     if rope_type not in ("default", None):
         raise KvfoldConfigError(
             f'{NAME}: positions="rank" re-rotates keys with plain RoPE; this model uses '
