@@ -1,10 +1,12 @@
 """On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
 
 Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
-    python tests/gpu/check_cuda.py OUT_DIR
-Writes OUT_DIR/cuda_check.json and the engine logs. Compares greedy tokens of KVFOLD_DENSE (by
-name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
-then serves KVFOLD_DENSE with `kvfold serve` and asks it for a completion and /metrics.
+    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv]
+Writes OUT_DIR/cuda_check.json and the engine logs. "dense" compares greedy tokens of KVFOLD_DENSE
+(by name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
+then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" compares KVFOLD_TREEKV
+within its budget (exact) with TRITON_ATTN in float32, runs prompts far beyond the budget, and
+serves it, reading kvfold's metrics.
 """
 
 from __future__ import annotations
@@ -48,7 +50,35 @@ def agree(a: dict, b: dict) -> dict:
             "impls": sorted(set(b.get("impls", []))), "num_gpu_blocks": [a["num_gpu_blocks"], b["num_gpu_blocks"]]}
 
 
-def main(out_dir: str) -> None:
+def check_treekv(out: Path, model: Path) -> dict:
+    from kvfold.serving import Server
+
+    report: dict = {}
+    common = {"enable_prefix_caching": False}
+    triton = run_engine(out, "tk_triton_fp32", model, "float32", attention_backend="TRITON_ATTN", **common)
+    within = run_engine(out, "tk_within_fp32", model, "float32", attention_backend="KVFOLD_TREEKV",
+                        additional_config={"kvfold": {"budget": 512}}, **common)
+    report["fp32 KVFOLD_TREEKV (budget 512, nothing evicted) vs TRITON_ATTN"] = agree(triton, within)
+    options = {"budget": 128, "sink": 4, "recent": 60, "prefill_block": 16}
+    try:
+        with Server(model, ["--attention-backend", "KVFOLD_TREEKV", "--additional-config",
+                            json.dumps({"kvfold": options}), "--no-enable-prefix-caching",
+                            "--max-model-len", "1024", "--max-num-batched-tokens", "128",
+                            "--gpu-memory-utilization", "0.3"], out / "tk_serve.log") as server:
+            texts = [server.complete(p, max_tokens=16)["usage"]["completion_tokens"] for p in PROMPTS[2:]]
+            metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+            report["treekv_serve"] = {
+                "completion_tokens": texts,
+                "kvfold_lines": [line for line in metrics.splitlines() if line.startswith("kvfold:")],
+                "capacity": server.capacity().__dict__,
+            }
+        report["treekv_serve"]["exit_code"] = server.process.returncode
+    except Exception as exc:  # reported, not hidden
+        report["treekv_serve"] = {"error": repr(exc)}
+    return report
+
+
+def main(out_dir: str, which: str = "dense") -> None:
     from kvfold.serving import Server
     from kvfold.tiny_model import write_tiny_model
 
@@ -56,6 +86,11 @@ def main(out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
+    if which == "treekv":
+        report = check_treekv(out, model)
+        (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     report: dict = {}
     triton = run_engine(out, "triton_fp32", model, "float32", attention_backend="TRITON_ATTN")
     dense = run_engine(out, "dense_fp32", model, "float32", attention_backend="KVFOLD_DENSE")
@@ -89,4 +124,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

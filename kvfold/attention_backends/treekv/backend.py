@@ -68,7 +68,7 @@ class TreeKVImpl(KvfoldImpl):
         config = get_current_vllm_config()
         self.dtype = config.model_config.dtype
         self.head_size_v = self.head_size
-        self.inv_freq = (
+        self.inv_freq = (  # rope_rotate moves it to the device of the keys it rotates
             rope_inv_freq(config, self.head_size) if self.options.positions == "rank" else None
         )
         _options_seen = self.options
@@ -154,7 +154,8 @@ class TreeKVImpl(KvfoldImpl):
         sentinel = torch.iinfo(torch.int32).max
         order = torch.where(valid, position, sentinel).argsort(dim=1, stable=True)[:, :num]
         entry_slots = candidates[order]  # [Hk, num], position order per head
-        b, o, h = entry_slots // block_size, entry_slots % block_size, torch.arange(heads)[:, None]
+        h = torch.arange(heads, device=candidates.device)[:, None]
+        b, o = entry_slots // block_size, entry_slots % block_size
         tree.cache = LayerCache(
             keys=pages.k[b, h, o], values=pages.v[b, h, o], positions=pages.position[b, h, o].long(),
             score_sum=pages.score_sum[b, h, o], count=pages.count[b, h, o],
@@ -189,7 +190,8 @@ class TreeKVImpl(KvfoldImpl):
         # Free every slot, then write the kept entries (their free marks are overwritten).
         sb, so = in_use // block_size, in_use % block_size
         pages.position[sb, :, so] = -1
-        b, o, h = target // block_size, target % block_size, torch.arange(heads)[:, None]
+        h = torch.arange(heads, device=target.device)[:, None]
+        b, o = target // block_size, target % block_size
         pages.k[b, h, o] = kept.keys.to(pages.k.dtype)
         pages.v[b, h, o] = kept.values.to(pages.v.dtype)
         pages.position[b, h, o] = kept.positions.to(torch.int32)

@@ -109,19 +109,16 @@ class LayerCache:
 
 def keep_all_but(dropped: torch.Tensor, size: int) -> torch.Tensor:
     """``[H, size - 1]`` indices of each head's entries except ``dropped[h]``, in order."""
-    keep = torch.ones(dropped.shape[0], size, dtype=torch.bool)
-    keep[torch.arange(dropped.shape[0]), dropped] = False
-    return torch.arange(size).expand_as(keep)[keep].view(dropped.shape[0], -1)
+    dev = dropped.device
+    keep = torch.ones(dropped.shape[0], size, dtype=torch.bool, device=dev)
+    keep[torch.arange(dropped.shape[0], device=dev), dropped] = False
+    return torch.arange(size, device=dev).expand_as(keep)[keep].view(dropped.shape[0], -1)
 
 
-def _group_mean(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``[Hq, ...]`` -> ``[Hk, ...]``: query head h reads KV head h // (Hq // Hk)."""
-    return probs.view(num_kv_heads, probs.shape[0] // num_kv_heads, *probs.shape[1:]).mean(1)
-
-
-def _visible(size: int, num_new: int) -> torch.Tensor:
+def _visible(size: int, num_new: int, device: torch.device) -> torch.Tensor:
     """``[num_new, size]``: entry j is visible to new token i when older, or new and at most i."""
-    return torch.arange(size)[None, :] <= torch.arange(size - num_new, size)[:, None]
+    entries = torch.arange(size, device=device)
+    return entries[None, :] <= entries[size - num_new :, None]
 
 
 class TreeKV:
@@ -156,20 +153,20 @@ class TreeKV:
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int
     ) -> torch.Tensor:
         """Append tokens ``start ..`` (``[q, H, D]``), attend causally over the cache, then evict."""
-        num_new, num_kv_heads = key.shape[0], key.shape[1]
+        num_new, num_kv_heads, dev = key.shape[0], key.shape[1], key.device
         new = LayerCache(
             keys=key.transpose(0, 1),
             values=value.transpose(0, 1),
-            positions=torch.arange(start, start + num_new).expand(num_kv_heads, -1),
-            score_sum=torch.zeros(num_kv_heads, num_new),
-            count=torch.zeros(num_kv_heads, num_new),
+            positions=torch.arange(start, start + num_new, device=dev).expand(num_kv_heads, -1),
+            score_sum=torch.zeros(num_kv_heads, num_new, device=dev),
+            count=torch.zeros(num_kv_heads, num_new, device=dev),
         )
         cache = new if self.cache is None else self.cache.concat(new)
         probs, out = self._attend(cache, query, start)  # probs [Hk, G, q, n]
         window = 1 if num_new == 1 else min(self.options.prefill_block, num_new)
         cache.score_sum += probs[:, :, num_new - window :].sum(2).mean(1)
-        cache.count += _visible(cache.size, num_new)[num_new - window :].sum(0).float()
-        kept = torch.arange(cache.size).expand(num_kv_heads, -1)
+        cache.count += _visible(cache.size, num_new, dev)[num_new - window :].sum(0).float()
+        kept = torch.arange(cache.size, device=dev).expand(num_kv_heads, -1)
         if cache.size > self.options.budget:
             kept = self._evict_token(cache) if num_new == 1 else self._evict_blocks(cache)
             cache = cache.take(kept)
@@ -183,13 +180,13 @@ class TreeKV:
         num_kv_heads = cache.keys.shape[0]
         keys, q = cache.keys.float(), query.float().transpose(0, 1)  # q: [Hq, q, D]
         if self.options.positions == "rank":
-            ranks = torch.arange(n).expand_as(cache.positions)
-            keys = rope_rotate(keys, ranks - cache.positions, self.inv_freq)
-            q_ranks = torch.arange(n - num_new, n) - torch.arange(start, start + num_new)
+            ranks = torch.arange(n, device=keys.device)
+            keys = rope_rotate(keys, ranks.expand_as(cache.positions) - cache.positions, self.inv_freq)
+            q_ranks = ranks[n - num_new :] - (ranks[:num_new] + start)
             q = rope_rotate(q, q_ranks.expand(q.shape[0], -1), self.inv_freq)
         group = q.shape[0] // num_kv_heads
         logits = torch.einsum("hgqd,hnd->hgqn", q.reshape(num_kv_heads, group, num_new, -1), keys)
-        visible = _visible(n, num_new)
+        visible = _visible(n, num_new, keys.device)
         probs = torch.softmax((logits * self.scale).masked_fill(~visible, float("-inf")), dim=-1)
         out = torch.einsum("hgqn,hnd->qhgd", probs, cache.values.float())
         return probs, out.reshape(num_new, q.shape[0], -1)
@@ -205,20 +202,21 @@ class TreeKV:
         o = self.options
         avg = cache.average()
         heads, length = avg.shape
+        dev = avg.device
         block = o.prefill_block
         middle = length - o.sink - o.recent
         num_blocks, start = middle // block, o.sink + middle % block
         block_avg = avg[:, start : start + num_blocks * block].view(heads, num_blocks, block).mean(-1)
         schedule = TreeSchedule(o.tree // block)
-        kept = torch.empty(heads, 0, dtype=torch.long)
+        kept = torch.empty(heads, 0, dtype=torch.long, device=dev)
         for b in range(num_blocks):
-            kept = torch.cat([kept, torch.full((heads, 1), b)], 1)
+            kept = torch.cat([kept, torch.full((heads, 1), b, device=dev)], 1)
             if kept.shape[1] > schedule.capacity:
                 dropped = schedule.evict(block_avg.gather(1, kept))
                 keep = torch.ones_like(kept, dtype=torch.bool)
-                keep[torch.arange(heads), dropped] = False
+                keep[torch.arange(heads, device=dev), dropped] = False
                 kept = kept[keep].view(heads, -1)
-        tree_entries = (start + kept[..., None] * block + torch.arange(block)).flatten(1)
-        sink = torch.arange(o.sink).expand(heads, -1)
-        recent = torch.arange(length - o.recent, length).expand(heads, -1)
+        tree_entries = (start + kept[..., None] * block + torch.arange(block, device=dev)).flatten(1)
+        sink = torch.arange(o.sink, device=dev).expand(heads, -1)
+        recent = torch.arange(length - o.recent, length, device=dev).expand(heads, -1)
         return torch.cat([sink, tree_entries, recent], 1)
