@@ -37,7 +37,8 @@ class SlidingAllocator:
             if j not in released and (j + 1) * BS <= computed - self.budget:
                 released.add(j)
                 self.free.append(block)
-                self.cache[block] = torch.randint(0, 256, self.cache[block].shape, dtype=torch.uint8)
+                self.cache[block] = torch.randint(0, 256, self.cache[block].shape, dtype=torch.uint8,
+                                                  device=self.cache.device)
         while len(table) * BS < total:
             table.append(self.free.pop(0))
         return table
@@ -61,21 +62,36 @@ def vllm_config(tiny_llama):
     )
 
 
-@pytest.mark.parametrize("positions", ["rank", "original"])
-def test_paged_steps_equal_the_reference(vllm_config, positions: str) -> None:
+@pytest.mark.parametrize(
+    ("positions", "kernel"),
+    [("rank", "torch"), ("original", "torch"),
+     # decode attention through the Triton kernel, in its interpreter
+     pytest.param("rank", "triton", marks=pytest.mark.triton),
+     pytest.param("original", "triton", marks=pytest.mark.triton)],
+)
+def test_paged_steps_equal_the_reference(vllm_config, positions: str, kernel: str) -> None:
+    from kvfold.attention_backends.treekv.kernels import triton_enabled
+
+    assert triton_enabled(torch.device("cpu")) == (kernel == "triton")
+    run_paged_steps(vllm_config, positions, "cpu")
+
+
+def run_paged_steps(vllm_config, positions: str, device: str) -> None:
+    """The check itself; tests/gpu/check_cuda.py runs it on CUDA too."""
     vllm_config.additional_config["kvfold"]["positions"] = positions
     with set_current_vllm_config(vllm_config):
         impl = TreeKVImpl(HQ, D, D**-0.5, HK)
     inv_freq = rope_inv_freq(vllm_config, D)
     options = TreeKVOptions(**OPTIONS, positions=positions)
-    cache = torch.zeros(64, HK, BS, content_bytes(D, D, torch.float32), dtype=torch.uint8)
+    cache = torch.zeros(64, HK, BS, content_bytes(D, D, torch.float32), dtype=torch.uint8, device=device)
     pages = PageViews.of(cache, D, D, torch.float32)
     alloc = SlidingAllocator(cache, options.budget)
     # Two requests: one prefilled in chunks of 50 then decoded, one short prompt then decoded.
     lengths = {0: 260, 1: 150}
     plans = {0: [50] * 4 + [1] * 60, 1: [30] + [1] * 120}
     g = torch.Generator().manual_seed(0)
-    data = {r: [torch.randn(n, h, D, generator=g) for h in (HQ, HK, HK)] for r, n in lengths.items()}
+    data = {r: [torch.randn(n, h, D, generator=g).to(device) for h in (HQ, HK, HK)]
+            for r, n in lengths.items()}
     refs = {r: TreeKV(options, D**-0.5, inv_freq) for r in lengths}
     done = {0: 0, 1: 0}
     for step in range(max(len(p) for p in plans.values())):
@@ -86,7 +102,7 @@ def test_paged_steps_equal_the_reference(vllm_config, positions: str) -> None:
             table = alloc.schedule(r, a, a + n)
             rows.append(table)
             pos = torch.arange(a, a + n)
-            slots.append(torch.tensor(table)[pos // BS] * BS + pos % BS)
+            slots.append((torch.tensor(table)[pos // BS] * BS + pos % BS).to(device))
             q, k, v = (t[a : a + n] for t in data[r])
             qs.append(q), ks.append(k), vs.append(v)
             starts.append(starts[-1] + n)
@@ -95,11 +111,12 @@ def test_paged_steps_equal_the_reference(vllm_config, positions: str) -> None:
         md = PagedMetadata(
             num_reqs=len(batch), num_actual_tokens=starts[-1],
             query_start_loc_cpu=torch.tensor(starts), seq_lens_cpu=torch.tensor(seq_lens),
-            block_table=torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32),
+            block_table=torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32,
+                                     device=device),
             slot_mapping=torch.cat(slots), max_query_len=max(n for _, n in batch), max_seq_len=max(seq_lens),
         )
         q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
-        out = torch.empty(q.shape[0], HQ, D)
+        out = torch.empty(q.shape[0], HQ, D, device=device)
         impl.forward(None, q, k, v, cache, md, out)
         for (r, n), a in zip(batch, starts):
             expected = refs[r].extend(q[a : a + n], k[a : a + n], v[a : a + n], done[r])
@@ -111,7 +128,7 @@ def test_paged_steps_equal_the_reference(vllm_config, positions: str) -> None:
             natural = torch.arange(len(table) * BS).view(len(table), BS)
             live = torch.tensor([j not in alloc.released[r] for j in range(len(table))])
             in_use = live[:, None] & (natural < done[r])
-            kept = pages.position[table].permute(1, 0, 2)[:, in_use]  # [HK, slots]
+            kept = pages.position[table.to(device)].permute(1, 0, 2)[:, in_use.to(device)]  # [HK, slots]
             for h in range(HK):
                 found = sorted(p for p in kept[h].tolist() if p >= 0)
                 assert found == refs[r].cache.positions[h].tolist()

@@ -1,12 +1,13 @@
 """On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
 
 Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
-    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv]
+    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels]
 Writes OUT_DIR/cuda_check.json and the engine logs. "dense" compares greedy tokens of KVFOLD_DENSE
 (by name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
 then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" compares KVFOLD_TREEKV
 within its budget (exact) with TRITON_ATTN in float32, runs prompts far beyond the budget, and
-serves it, reading kvfold's metrics.
+serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases and the paged
+decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA.
 """
 
 from __future__ import annotations
@@ -78,6 +79,41 @@ def check_treekv(out: Path, model: Path) -> dict:
     return report
 
 
+def check_kernels(out: Path, model: Path) -> dict:
+    """TreeKV's Triton decode kernel and batched decode path on CUDA, against their specifications."""
+    import torch
+    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, VllmConfig
+
+    from kvfold.vllm_plugins.general import register
+
+    sys.path.insert(0, str(HERE.parent))
+    import test_treekv_kernels
+    import test_treekv_paged
+
+    report: dict = {}
+    for case in test_treekv_kernels.CASES:
+        name = "kernel " + " ".join(str(x) for x in case)
+        try:
+            report[name] = {"max_abs_out_diff": test_treekv_kernels.check_case(*case, "cuda")}
+        except Exception as exc:
+            report[name] = {"error": repr(exc)}
+    register()
+    for positions in ("rank", "original"):
+        config = VllmConfig(
+            model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=4096),
+            cache_config=CacheConfig(enable_prefix_caching=False),
+            attention_config=AttentionConfig(backend="KVFOLD_TREEKV"),
+            additional_config={"kvfold": dict(test_treekv_paged.OPTIONS)},
+        )
+        try:
+            test_treekv_paged.run_paged_steps(config, positions, "cuda")
+            report[f"paged steps = reference ({positions}, cuda)"] = "passed"
+        except Exception as exc:
+            report[f"paged steps = reference ({positions}, cuda)"] = {"error": repr(exc)[:2000]}
+    assert torch.cuda.is_available()
+    return report
+
+
 def main(out_dir: str, which: str = "dense") -> None:
     from kvfold.serving import Server
     from kvfold.tiny_model import write_tiny_model
@@ -86,8 +122,8 @@ def main(out_dir: str, which: str = "dense") -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
-    if which == "treekv":
-        report = check_treekv(out, model)
+    if which in ("treekv", "kernels"):
+        report = check_treekv(out, model) if which == "treekv" else check_kernels(out, model)
         (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return

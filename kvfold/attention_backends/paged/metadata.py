@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -28,6 +28,8 @@ class PagedMetadata:
     slot_mapping: torch.Tensor  # [T], block_id * block_size + offset, -1 for padding
     max_query_len: int
     max_seq_len: int
+    #: Per-step values a backend derives once and reuses in every layer (index tensors).
+    scratch: dict = field(default_factory=dict)
 
     def requests(self) -> Iterator[tuple[int, int, int, int]]:
         """``(request, first query token, end query token, KV length)`` for requests with queries."""

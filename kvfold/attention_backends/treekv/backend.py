@@ -21,6 +21,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
 from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 from kvfold.attention_backends.treekv.pages import PageViews, content_bytes
 from kvfold.attention_backends.treekv.reference import LayerCache, TreeKV
@@ -89,7 +90,12 @@ class TreeKVImpl(KvfoldImpl):
     ) -> None:
         pages = PageViews.of(kv_cache, self.head_size, self.head_size_v, self.dtype)
         evicted = 0
+        decoding = [(i, start, seq_len) for i, start, end, seq_len in metadata.requests() if end - start == 1]
+        if decoding:
+            evicted += self._decode_step(pages, metadata, decoding, query, key, value, output)
         for i, start, end, seq_len in metadata.requests():
+            if end - start == 1:
+                continue
             out, dropped = self._request_step(
                 pages, metadata.block_table[i], metadata.slot_mapping[start:end], seq_len,
                 query[start:end], key[start:end], value[start:end],
@@ -98,6 +104,34 @@ class TreeKVImpl(KvfoldImpl):
             evicted += dropped
         if evicted and self._reports_evictions:
             self.metrics.tokens_evicted(evicted)
+
+    def _decode_step(
+        self,
+        pages: PageViews,
+        metadata: PagedMetadata,
+        decoding: list[tuple[int, int, int]],
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+    ) -> int:
+        """All one-token requests of the step at once; returns the tokens evicted (if reported)."""
+        scratch_key = ("treekv-decode", self.options.budget)
+        batch = metadata.scratch.get(scratch_key)
+        if batch is None:  # built by the step's first layer, reused by the others
+            reqs = torch.tensor([i for i, _, _ in decoding], device=query.device)
+            batch = DecodeBatch.build(
+                [start for _, start, _ in decoding], [seq_len for _, _, seq_len in decoding],
+                metadata.block_table[reqs], metadata.slot_mapping, self.options.budget,
+                pages.position.shape[2], self.options.sink + 2,
+            )
+            metadata.scratch[scratch_key] = batch
+        rows = batch.rows
+        out, over = decode_batch(
+            pages, batch, query[rows], key[rows], value[rows], self.options, self.scale, self.inv_freq
+        )
+        output[rows] = out.to(output.dtype)
+        return int(over.sum()) if self._reports_evictions else 0
 
     def _request_step(
         self,

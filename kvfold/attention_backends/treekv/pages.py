@@ -22,6 +22,7 @@ def content_bytes(head_size: int, head_size_v: int, dtype: torch.dtype) -> int:
 class PageViews:
     """Typed views of a uint8 ``[blocks, heads, slots, content]`` cache; indexing writes through."""
 
+    raw: torch.Tensor  # the cache itself: moving an entry copies its whole content row
     k: torch.Tensor
     v: torch.Tensor
     position: torch.Tensor
@@ -35,6 +36,7 @@ class PageViews:
         v_end = k_end + head_size_v * dtype.itemsize
         meta = cache[..., v_end : v_end + META_BYTES]
         return cls(
+            raw=cache,
             k=cache[..., :k_end].view(dtype),
             v=cache[..., k_end:v_end].view(dtype),
             position=meta[..., 0:4].view(torch.int32)[..., 0],

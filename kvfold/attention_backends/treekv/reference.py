@@ -207,15 +207,19 @@ class TreeKV:
         middle = length - o.sink - o.recent
         num_blocks, start = middle // block, o.sink + middle % block
         block_avg = avg[:, start : start + num_blocks * block].view(heads, num_blocks, block).mean(-1)
+        # The sweep is sequential and tiny (one step per block): on the host it costs one copy
+        # instead of a few device launches per block.
+        block_avg = block_avg.cpu()
         schedule = TreeSchedule(o.tree // block)
-        kept = torch.empty(heads, 0, dtype=torch.long, device=dev)
+        kept = torch.empty(heads, 0, dtype=torch.long)
         for b in range(num_blocks):
-            kept = torch.cat([kept, torch.full((heads, 1), b, device=dev)], 1)
+            kept = torch.cat([kept, torch.full((heads, 1), b)], 1)
             if kept.shape[1] > schedule.capacity:
                 dropped = schedule.evict(block_avg.gather(1, kept))
                 keep = torch.ones_like(kept, dtype=torch.bool)
-                keep[torch.arange(heads, device=dev), dropped] = False
+                keep[torch.arange(heads), dropped] = False
                 kept = kept[keep].view(heads, -1)
+        kept = kept.to(dev)
         tree_entries = (start + kept[..., None] * block + torch.arange(block, device=dev)).flatten(1)
         sink = torch.arange(o.sink, device=dev).expand(heads, -1)
         recent = torch.arange(length - o.recent, length, device=dev).expand(heads, -1)
