@@ -49,7 +49,9 @@ def check_case(dtype: torch.dtype, group: int, head_size: int, rotate: bool, dev
 
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output is rounded to bf16
     torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+    # On the GPU, bf16 with rotation scores rotated float32 keys with TF32 dots (~1e-3 relative).
+    ptol = 2e-4 if dtype == torch.bfloat16 and device != "cpu" else 1e-6
+    torch.testing.assert_close(probs, want_probs, atol=ptol, rtol=1e-3 if ptol > 1e-6 else 1e-5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(reqs, heads, device=device))
     assert (probs[1, :, 70:] == 0).all() and (probs[2, :, 1:] == 0).all()
     return float((out.float() - want_out.float()).abs().max())

@@ -211,16 +211,23 @@ class TreeKVImpl(KvfoldImpl):
         Every other slot of the request (``in_use``) is marked free, so an entry never appears
         twice, even while the block it left is still in the block table.
         """
-        heads, num = current.shape
+        heads = current.shape[0]
         block_size = pages.position.shape[2]
-        stays = torch.isin(current, surviving)
-        target = current.clone()
-        for h in range(heads):
-            free = surviving[~torch.isin(surviving, current[h, stays[h]])]
-            movers = (~stays[h]).nonzero().flatten()
-            if movers.numel() > free.numel():
-                raise RuntimeError(f"{NAME}: {movers.numel()} entries to move, {free.numel()} free slots")
-            target[h, movers] = free[: movers.numel()]
+        # Where each entry's current slot sits among the surviving slots (if it does).
+        ordered, perm = surviving.sort()
+        at = torch.searchsorted(ordered, current).clamp(max=max(ordered.numel() - 1, 0))
+        stays = ordered[at] == current if ordered.numel() else torch.zeros_like(current, dtype=torch.bool)
+        occupied = torch.zeros(heads, surviving.numel() + 1, dtype=torch.bool, device=current.device)
+        occupied.scatter_(1, torch.where(stays, perm[at], surviving.numel()), True)
+        free = ~occupied[:, :-1]  # [H, S] in surviving (natural) order
+        movers = ~stays
+        if bool((movers.sum(1) > free.sum(1)).any()):
+            raise RuntimeError(f"{NAME}: more entries to move than free surviving slots")
+        # The k-th mover (in kept order) takes the k-th free slot (in natural order).
+        free_first = (~free).to(torch.int8).argsort(dim=1, stable=True)
+        rank = (movers.cumsum(1) - 1).clamp(min=0)
+        moved_to = surviving[free_first.gather(1, rank)] if surviving.numel() else current
+        target = torch.where(movers, moved_to, current)
         # Free every slot, then write the kept entries (their free marks are overwritten).
         sb, so = in_use // block_size, in_use % block_size
         pages.position[sb, :, so] = -1

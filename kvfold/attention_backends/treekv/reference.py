@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from kvfold.attention_backends.treekv.options import TreeKVOptions
@@ -55,6 +56,28 @@ def evict_one(avg: torch.Tensor, cursor: int) -> torch.Tensor:
     """
     left, right = avg[:, cursor], avg[:, cursor + 1]
     return torch.where(left > right, cursor + 1, cursor)
+
+
+def _sweep_blocks(block_avg: np.ndarray, capacity: int) -> np.ndarray:
+    """Block indices ``[H, min(n, capacity)]`` each head keeps after the tree sweep over ``n`` blocks.
+
+    The decode rule at block granularity: blocks enter one by one; when ``capacity`` is exceeded the
+    lower-scored block of the pair at the cursor goes (ties: the left one), and the cursor advances.
+    """
+    heads, num_blocks = block_avg.shape
+    rows = np.arange(heads)
+    kept = np.empty((heads, 0), dtype=np.int64)
+    cursor = 0
+    for b in range(num_blocks):
+        kept = np.concatenate([kept, np.full((heads, 1), b)], axis=1)
+        if kept.shape[1] > capacity:
+            left = block_avg[rows, kept[:, cursor]]
+            right = block_avg[rows, kept[:, cursor + 1]]
+            keep = np.ones(kept.shape, dtype=bool)
+            keep[rows, cursor + (left > right)] = False
+            kept = kept[keep].reshape(heads, -1)
+            cursor = (cursor + 1) % capacity
+    return kept
 
 
 class TreeSchedule:
@@ -207,18 +230,9 @@ class TreeKV:
         middle = length - o.sink - o.recent
         num_blocks, start = middle // block, o.sink + middle % block
         block_avg = avg[:, start : start + num_blocks * block].view(heads, num_blocks, block).mean(-1)
-        # The sweep is sequential and tiny (one step per block): on the host it costs one copy
-        # instead of a few device launches per block.
-        block_avg = block_avg.cpu()
-        schedule = TreeSchedule(o.tree // block)
-        kept = torch.empty(heads, 0, dtype=torch.long)
-        for b in range(num_blocks):
-            kept = torch.cat([kept, torch.full((heads, 1), b)], 1)
-            if kept.shape[1] > schedule.capacity:
-                dropped = schedule.evict(block_avg.gather(1, kept))
-                keep = torch.ones_like(kept, dtype=torch.bool)
-                keep[torch.arange(heads), dropped] = False
-                kept = kept[keep].view(heads, -1)
+        # The sweep is sequential and tiny (one step per block): numpy on the host costs one copy
+        # and microseconds per block, where device tensors cost launches and syncs per block.
+        kept = torch.from_numpy(_sweep_blocks(block_avg.float().cpu().numpy(), o.tree // block))
         kept = kept.to(dev)
         tree_entries = (start + kept[..., None] * block + torch.arange(block, device=dev)).flatten(1)
         sink = torch.arange(o.sink, device=dev).expand(heads, -1)
