@@ -135,25 +135,35 @@ def decode_batch(
     pages.position[dropped_slot // block_size, h, dropped_slot % block_size] = -1
     kept = held & ~((ranks == dropped) & over[:, None, None])
     next_cursor = torch.where(over, (cursor + 1) % options.tree, cursor)
-    pages.cursor[eb, h, eo] = torch.where(kept, next_cursor[:, None, None], 0).to(torch.int32)
+    # The cursor is read from a head's oldest entry; the two oldest carry it (the oldest may be
+    # the one dropped when there is no sink). Moves copy it along with the entry.
+    first = torch.where(kept[..., :2], eb[..., :2] * block_size + eo[..., :2], NULL_SLOT)
+    pages.cursor[first // block_size, h, first % block_size] = next_cursor[:, None, None].to(torch.int32)
 
     # 5. Entries in the block the next step releases move to free slots of surviving blocks,
-    #    the k-th mover (in rank order) to the k-th free slot (in natural order).
+    #    the k-th mover (in rank order) to the k-th free slot (in natural order). That block is
+    #    the only one between the live and the surviving range, so at most block_size entries per
+    #    head move: only those columns are copied.
     boundary = ((seq - options.budget).clamp(min=0) // block_size) * block_size  # first surviving
     surviving = in_range & (natural >= boundary[:, None])  # [R, S]
     natural_order = natural[:, None, :].expand_as(order).gather(-1, order)
     movers = kept & (natural_order < boundary[:, None, None])
     position_after = torch.where(valid, position, -1)
     dropped_column = order.gather(-1, dropped)  # where the dropped entry sits in natural order
-    position_after.scatter_(-1, dropped_column, torch.where(over[:, None, None], -1, position_after.gather(-1, dropped_column)))
+    position_after.scatter_(-1, dropped_column, torch.where(
+        over[:, None, None], -1, position_after.gather(-1, dropped_column)))
     free = surviving[:, None, :] & (position_after < 0)
     free_first = (~free).to(torch.int8).argsort(dim=-1, stable=True)
     mover_rank = (movers.cumsum(-1) - 1).clamp(min=0)
-    target_column = free_first.gather(-1, mover_rank)
-    target = torch.where(movers, slots[:, None, :].expand_as(order).gather(-1, target_column), NULL_SLOT)
-    source = torch.where(movers, entries, NULL_SLOT)
+    width = min(block_size, movers.shape[-1])
+    columns = (~movers).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]  # movers first
+    moving = movers.gather(-1, columns)
+    target_column = free_first.gather(-1, mover_rank.gather(-1, columns))
+    slots_h = slots[:, None, :].expand(-1, heads, -1)
+    target = torch.where(moving, slots_h.gather(-1, target_column), NULL_SLOT)
+    source = torch.where(moving, entries.gather(-1, columns), NULL_SLOT)
     tb, to = target // block_size, target % block_size
     fb, fo = source // block_size, source % block_size
     pages.raw[tb, h, to] = pages.raw[fb, h, fo]
-    pages.position[fb, h, fo] = torch.where(movers, -1, pages.position[fb, h, fo])
+    pages.position[fb, h, fo] = torch.where(moving, -1, pages.position[fb, h, fo])
     return out, over
