@@ -147,17 +147,21 @@ class TreeKVImpl(KvfoldImpl):
         block_size = pages.position.shape[2]
         num_new = query.shape[0]
         num_old = seq_len - num_new
-        blocks = block_row[: -(-seq_len // block_size)].long()
-        natural = torch.arange(blocks.numel() * block_size, device=blocks.device)
-        slots = blocks.repeat_interleave(block_size) * block_size + natural % block_size
-        block_end = (natural // block_size + 1) * block_size
+        budget = self.options.budget
         # The window manager released, before this step, every block lying wholly more than
         # `budget` tokens behind the computed tokens. The worker's block table still lists those
         # ids (now possibly another request's), so liveness comes from that rule, not the table.
-        live = block_end > num_old - self.options.budget
+        # Live, surviving and in-use slots are contiguous ranges of natural positions: slicing
+        # them (host arithmetic) costs no device sync.
+        first = max(num_old - budget, 0) // block_size * block_size
+        blocks = block_row[first // block_size : -(-seq_len // block_size)].long()
+        natural = torch.arange(blocks.numel() * block_size, device=blocks.device)
+        slots = blocks.repeat_interleave(block_size) * block_size + natural % block_size
+        # The next step releases blocks whose positions all lie below seq_len - budget.
+        boundary = max(seq_len - budget, 0) // block_size * block_size
 
         tree = TreeKV(self.options, self.scale, self.inv_freq)
-        old_slots = self._read_entries(pages, slots[live & (natural < num_old)], tree)
+        old_slots = self._read_entries(pages, slots[: num_old - first], tree, num_new == 1)
         out = tree.extend(query, key, value, num_old)
         dropped = old_slots.shape[1] + num_new - tree.cache.size
 
@@ -166,14 +170,19 @@ class TreeKVImpl(KvfoldImpl):
         index = tree.kept_index  # [Hk, kept] into old entries, then new tokens
         current = torch.cat([old_slots, new_slots.long().expand(old_slots.shape[0], -1)], 1)
         current = current.gather(1, index)
-        # The next step releases blocks whose positions all lie below seq_len - budget.
-        surviving = (natural < seq_len) & (block_end > seq_len - self.options.budget)
-        in_use = slots[live & (natural < seq_len)]
-        self._write_entries(pages, kept, current, slots[surviving], in_use, tree.schedule.cursor)
+        surviving = slots[boundary - first : seq_len - first]
+        in_use = slots[: seq_len - first]
+        self._write_entries(pages, kept, current, surviving, in_use, tree.schedule.cursor)
         return out, dropped
 
-    def _read_entries(self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV) -> torch.Tensor:
-        """Load the kept entries found in ``candidates`` slots into ``tree``; returns their slots."""
+    def _read_entries(
+        self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV, decoding: bool
+    ) -> torch.Tensor:
+        """Load the kept entries found in ``candidates`` slots into ``tree``; returns their slots.
+
+        The tree cursor only matters to a decode step (a prefill chunk restarts it), so only then
+        is it read (a device sync).
+        """
         heads = pages.position.shape[1]
         block_size = pages.position.shape[2]
         blk, off = candidates // block_size, candidates % block_size
@@ -194,7 +203,8 @@ class TreeKVImpl(KvfoldImpl):
             keys=pages.k[b, h, o], values=pages.v[b, h, o], positions=pages.position[b, h, o].long(),
             score_sum=pages.score_sum[b, h, o], count=pages.count[b, h, o],
         )
-        tree.schedule.cursor = int(pages.cursor[b[0, 0], 0, o[0, 0]])
+        if decoding:
+            tree.schedule.cursor = int(pages.cursor[b[0, 0], 0, o[0, 0]])
         return entry_slots
 
     @staticmethod
