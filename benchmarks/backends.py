@@ -54,12 +54,14 @@ def treekv_config(budget: int, positions: str = "original") -> dict[str, Any]:
 
 
 def server_args(
-    name: str, config: dict[str, Any], treekv_positions: str = "original"
+    name: str, config: dict[str, Any], treekv_positions: str = "original",
+    vqkv_codebooks: str | None = None,
 ) -> list[str]:
     """``vllm serve`` arguments selecting backend ``name`` (model-specific where needed).
 
     Known names: FLASH_ATTN, FLASH_ATTN_FP8, TRITON_ATTN, KVFOLD_DENSE, KVFOLD_TREEKV_<budget>,
-    SLIDING_WINDOW_<window> (FlashAttention with vLLM's own window). Any other name is passed as
+    SLIDING_WINDOW_<window> (FlashAttention with vLLM's own window), KVFOLD_VQKV (codebooks from
+    ``vqkv_codebooks``). Any other name is passed as
     ``--attention-backend NAME`` (e.g. CPU_ATTN for a CPU smoke run).
     """
     if name == "FLASH_ATTN_FP8":
@@ -68,6 +70,11 @@ def server_args(
         budget = _suffix_int(name)
         return ["--attention-backend", "KVFOLD_TREEKV",
                 "--additional-config", json.dumps(treekv_config(budget, treekv_positions))]
+    if name == "KVFOLD_VQKV":
+        if not vqkv_codebooks:
+            raise ValueError("KVFOLD_VQKV needs a codebook directory")
+        return ["--attention-backend", name,
+                "--additional-config", json.dumps({"kvfold": {"codebooks": str(vqkv_codebooks)}})]
     if name.startswith("SLIDING_WINDOW"):
         window = _suffix_int(name)
         base = name.split(":", 1)[1] if ":" in name else "FLASH_ATTN"

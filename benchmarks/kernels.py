@@ -50,7 +50,8 @@ from benchmarks import env_info
 from benchmarks.model_dirs import load_config, model_names
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = ["fa3", "treekv", "triton", "fa3_fp8"]
+KERNELS = ["fa3", "treekv", "vqkv", "triton", "fa3_fp8"]
+VQKV_STAGES = (8, 16)  # kvfold calibrate vqkv defaults: 2 x 8 key + 16 value codes per token and head
 ROTATE_TARGET_BYTES = 512 * 2**20
 MAX_LAYERS = 32
 
@@ -346,6 +347,50 @@ def build_treekv(shape: Shape, batch: int, budget: int, device: torch.device, po
     return call, required, extra, {"pool_tokens_per_request": pool_tokens}
 
 
+def shape_codebooks(head_dim: int, key_stages: int, value_stages: int, device: torch.device,
+                    gen: torch.Generator | None = None):
+    """Random codebooks of the calibrated shape (speed depends on the shape only)."""
+    from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook, rope_branches
+
+    def book(stages: int, dims: int) -> torch.Tensor:
+        return torch.empty(stages, 256, dims, device=device).normal_(generator=gen)
+
+    key = [ResidualCodebook(d.to(device), book(key_stages, d.numel())) for d in rope_branches(head_dim)]
+    value = ResidualCodebook(torch.arange(head_dim, device=device), book(value_stages, head_dim))
+    return LayerCodebooks(head_dim, head_dim, key, value)
+
+
+def build_vqkv(shape: Shape, batch: int, context: int, device: torch.device,
+               gen: torch.Generator | None = None) -> tuple[Callable[[], object], int, int, dict]:
+    """VQKV's decode kernel over ``context`` coded tokens per request (its one-byte codes are all
+    it reads from HBM; codebooks and lookup tables stay in L2)."""
+    from kvfold.attention_backends.vqkv.kernels import decode_attention, key_tables
+
+    key_stages, value_stages = VQKV_STAGES
+    books = shape_codebooks(shape.head_dim, key_stages, value_stages, device, gen)
+    num_codes = 2 * key_stages + value_stages
+    per_request = context // shape.block_size
+    blocks = batch * per_request + 1
+    cache = torch.randint(0, 256, (blocks, shape.num_kv_heads, shape.block_size, num_codes),
+                          dtype=torch.uint8, device=device, generator=gen)
+    table = (1 + torch.randperm(blocks - 1, device=device, generator=gen)).view(batch, per_request)
+    table = table.to(torch.int32)
+    query = torch.empty(batch, shape.num_heads, shape.head_dim, dtype=torch.bfloat16,
+                        device=device).normal_(generator=gen)
+    starts = torch.zeros(batch, dtype=torch.int32, device=device)
+    ends = torch.full((batch,), context, dtype=torch.int32, device=device)
+    scale = shape.head_dim ** -0.5
+
+    def call() -> object:
+        return decode_attention(query, cache, table, 0, starts, ends, books, scale, longest=context)
+
+    required = cache[1:].numel() + table.numel() * 4 + query.numel() * 2
+    tables = key_tables(query, books)
+    extra = tables.numel() * 4 + batch * shape.num_heads * shape.head_dim * 4
+    return call, required, extra, {"num_codes": num_codes, "stages": list(VQKV_STAGES),
+                                   "bf16_kv_bytes": shape.kv_bytes(batch * context)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Correctness check (small): every kernel against a float32 reference on one shared cache
 
@@ -497,6 +542,8 @@ def build_layers(kernel: str, batch: int, context: int, layers: int, shape: Shap
         elif kernel == "treekv":
             call, required, extra, notes = build_treekv(shape, batch, context, device,
                                                         args.treekv_pool_factor, gen=gen)
+        elif kernel == "vqkv":
+            call, required, extra, notes = build_vqkv(shape, batch, context, device, gen=gen)
         else:
             raise ValueError(f"unknown kernel {kernel!r}")
         calls.append(call)
@@ -510,6 +557,8 @@ def measure_one(kernel: str, batch: int, context: int, shape: Shape, args: argpa
     per_layer = shape.kv_bytes(batch * context, elem)
     if kernel == "treekv":
         per_layer = math.ceil(per_layer * args.treekv_pool_factor)
+    if kernel == "vqkv":  # one-byte codes instead of 2 x head_dim bf16 values
+        per_layer = math.ceil(per_layer * sum((*VQKV_STAGES, VQKV_STAGES[0])) / (4 * shape.head_dim))
     if per_layer > args.max_kv_gb * 1e9:
         m.status, m.reason = "skipped", f"K+V {per_layer / 1e9:.1f} GB > --max-kv-gb {args.max_kv_gb}"
         return m
@@ -593,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.hbm = {"error": f"{exc!r}"[:400]}
     persist()
     if not args.no_check:
-        run.check = check_kernels(shape, [k for k in kernels if k != "fa3_fp8"], device)
+        # vqkv is checked against its reference by tests/gpu/check_cuda.py vqkv
+        run.check = check_kernels(shape, [k for k in kernels if k not in ("fa3_fp8", "vqkv")], device)
         log(f"check: {json.dumps(run.check)}")
         persist()
     points = plan(kernels, parse_ints(args.batches), parse_ints(args.contexts), parse_ints(args.budgets))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import backends as registry
 from benchmarks import env_info
-from benchmarks.model_dirs import load_config, model_names, prepare
+from benchmarks.model_dirs import load_config, model_names, prepare, write_shape_codebooks
 from benchmarks.results import (
     BackendResult,
     Capacity,
@@ -102,6 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     server.add_argument("--enforce-eager", action="store_true",
                         help="no torch.compile / CUDA graphs (starts much faster)")
     server.add_argument("--treekv-positions", default="original", choices=["original", "rank"])
+    server.add_argument("--vqkv-codebooks", type=Path,
+                        help="KVFOLD_VQKV codebooks (default: MODEL_DIR/vqkv_codebooks; written with "
+                             "random codewords of the model's shape when the weights are dummy)")
     server.add_argument("--extra-server-args", default="", help="appended to every server (shlex)")
     p.add_argument("--extra-bench-args", default="", help="appended to every vllm bench serve (shlex)")
     p.add_argument("--poll-interval", type=float, default=1.0)
@@ -235,7 +238,7 @@ def warmup(ctx: Context) -> dict:
     server_args = [
         "--load-format", "dummy", "--dtype", args.dtype, "--max-model-len", "4096",
         "--gpu-memory-utilization", "0.3", "--enforce-eager", "--no-enable-prefix-caching",
-        *registry.server_args(args.reference, ctx.config, args.treekv_positions),
+        *registry.server_args(args.reference, ctx.config, args.treekv_positions, args.vqkv_codebooks),
         *shlex.split(args.extra_server_args),
     ]
     timeout = min(args.warmup_timeout, max(ctx.remaining(), 1.0))
@@ -335,7 +338,8 @@ def summary(result: WorkloadResult) -> str:
 def run_backend(ctx: Context, name: str, workloads: dict[str, Workload], common: list[str]) -> None:
     args = ctx.args
     # The extra args last, so they can override the ones before (argparse keeps the last value).
-    server_args = [*common, *registry.server_args(name, ctx.config, args.treekv_positions),
+    server_args = [*common, *registry.server_args(name, ctx.config, args.treekv_positions,
+                                              args.vqkv_codebooks),
                    *shlex.split(args.extra_server_args)]
     result = BackendResult(name=name, server_args=server_args, status="failed")
     ctx.run.backends[name] = result
@@ -437,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     model_dir = (args.model_dir or prepare(args.model, args.log_dir / "model")).resolve()
     config = load_config(model_dir)
+    if "KVFOLD_VQKV" in names:
+        args.vqkv_codebooks = (args.vqkv_codebooks or model_dir / "vqkv_codebooks").resolve()
+        if not (args.vqkv_codebooks / "vqkv.json").is_file():
+            if args.load_format != "dummy":
+                raise SystemExit(f"no VQKV codebooks at {args.vqkv_codebooks}: run `kvfold calibrate vqkv`")
+            write_shape_codebooks(config, args.vqkv_codebooks)
     common = common_server_args(args)
     run = ServingRun(
         model=args.model if args.model_dir is None else str(args.model_dir), model_dir=str(model_dir),

@@ -1,7 +1,8 @@
 """The ``kvfold`` command.
 
 ``kvfold serve MODEL --attention-backend KVFOLD_DENSE ...`` is vLLM's ``vllm serve`` (any vLLM
-subcommand passes through unchanged); ``kvfold demo`` shows the KV capacity of each backend.
+subcommand passes through unchanged); ``kvfold demo`` shows the KV capacity of each backend;
+``kvfold calibrate METHOD MODEL`` fits what a method needs from a model (``vqkv``: its codebooks).
 """
 
 from __future__ import annotations
@@ -28,9 +29,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kvfold.demo import add_arguments, run_demo
 
     add_arguments(demo)
+    add_calibrate_parser(sub)
     ns = parser.parse_args(args)
     if ns.command == "demo":
         run_demo(ns)
+    elif ns.command == "calibrate":
+        ns.run(ns)
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """``kvfold calibrate METHOD ...``: one sub-subcommand per method that fits something."""
+    from kvfold.attention_backends.vqkv import calibrate as vqkv
+
+    calibrate = sub.add_parser("calibrate", help="fit a method's data to a model (e.g. VQKV codebooks)")
+    methods = calibrate.add_subparsers(dest="method", required=True, metavar="METHOD")
+    parser = methods.add_parser("vqkv", help="fit VQKV codebooks to the model's own keys and values",
+                                description=vqkv.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    vqkv.add_arguments(parser)
+    parser.set_defaults(run=vqkv.run_cli)
 
 
 if __name__ == "__main__":

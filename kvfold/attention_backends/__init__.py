@@ -7,7 +7,11 @@ stay import-light: vLLM's plugin loader imports it in every process before anyth
 BACKENDS: dict[str, str] = {
     "KVFOLD_DENSE": "kvfold.attention_backends.dense.backend.DenseBackend",
     "KVFOLD_TREEKV": "kvfold.attention_backends.treekv.backend.TreeKVBackend",
+    "KVFOLD_VQKV": "kvfold.attention_backends.vqkv.backend.VQKVBackend",
 }
+
+#: KV-cache spec types a method adds to vLLM's allocator, registered in every vLLM process.
+KV_CACHE_SPECS: list[str] = ["kvfold.attention_backends.vqkv.spec.register"]
 
 #: ``--attention-backend CUSTOM`` dispatches to the method named in ``{"kvfold": {"method": ...}}``.
 CUSTOM_BACKEND = "kvfold.attention_backends.custom.CustomBackend"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import kvfold
-from kvfold.attention_backends import BACKENDS, CUSTOM_BACKEND
+from kvfold.attention_backends import BACKENDS, CUSTOM_BACKEND, KV_CACHE_SPECS
 from kvfold.models import MODELS
 
 logger = logging.getLogger("vllm.kvfold")  # vLLM configures its "vllm" logger tree
@@ -28,6 +28,7 @@ def register() -> None:
     for name in BACKENDS:
         ensure_member(name)
     _claim_custom()
+    _register_kv_cache_specs()
     _register_models()
     from kvfold.vllm_plugins.platform import extend_current_platform
 
@@ -48,6 +49,13 @@ def ensure_member(name: str):
     member = AttentionBackendEnum[name]
     member.__reduce_ex__ = lambda protocol, _name=name: (ensure_member, (_name,))
     return member
+
+
+def _register_kv_cache_specs() -> None:
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    for qualname in KV_CACHE_SPECS:
+        resolve_obj_by_qualname(qualname)()
 
 
 def _register_models() -> None:

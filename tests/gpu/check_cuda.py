@@ -1,13 +1,14 @@
 """On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
 
 Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
-    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels]
+    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels|vqkv]
 Writes OUT_DIR/cuda_check.json and the engine logs. "dense" compares greedy tokens of KVFOLD_DENSE
 (by name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
 then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" compares KVFOLD_TREEKV
 within its budget (exact) with TRITON_ATTN in float32, runs prompts far beyond the budget, and
 serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases and the paged
-decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA.
+decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
+Triton decode kernel over codes against its torch specification (tests/test_vqkv_kernels.py) on CUDA.
 """
 
 from __future__ import annotations
@@ -114,6 +115,49 @@ def check_kernels(out: Path, model: Path) -> dict:
     return report
 
 
+def check_vqkv(out: Path, model: Path) -> dict:
+    """VQKV's Triton decode kernel over codes on CUDA, against its torch specification."""
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    import test_vqkv_kernels
+
+    assert torch.cuda.is_available()
+    report: dict = {}
+    runs = [(case, None) for case in test_vqkv_kernels.CASES]
+    runs += [(test_vqkv_kernels.CASES[2], n) for n in (1, 7)]
+    for case, splits in runs:
+        name = "vqkv kernel " + " ".join(str(x) for x in case) + (f" splits={splits}" if splits else "")
+        try:
+            diff_out, diff_lse = test_vqkv_kernels.check_case(case, "cuda", splits)
+            report[name] = {"max_abs_out_diff": diff_out, "max_abs_lse_diff": diff_lse}
+        except Exception as exc:
+            report[name] = {"error": repr(exc)[:2000]}
+    # The paged backend (decode through the kernel) against the reference, on CUDA.
+    import test_vqkv_paged
+    from test_vqkv_paged import files
+
+    books = Path(tempfile.mkdtemp())
+    files.write_manifest(books, files.CodebookManifest(
+        num_layers=2, num_kv_heads=test_vqkv_paged.HK, head_size=test_vqkv_paged.D,
+        head_size_v=test_vqkv_paged.D, key_stages=test_vqkv_paged.KEY_STAGES,
+        value_stages=test_vqkv_paged.VALUE_STAGES))
+    for layer in range(2):
+        files.save_layer(books, layer, test_vqkv_paged.random_books(layer))
+    try:
+        test_vqkv_paged.run_paged_steps(test_vqkv_paged.make_config(model, books), "cuda")
+        report["vqkv paged steps = reference (cuda)"] = "passed"
+    except Exception as exc:
+        report["vqkv paged steps = reference (cuda)"] = {"error": repr(exc)[:2000]}
+    # In an engine, sequences inside the exact window must give exact attention's tokens.
+    common = {"enable_prefix_caching": False}
+    triton = run_engine(out, "vq_triton_fp32", model, "float32", attention_backend="TRITON_ATTN", **common)
+    within = run_engine(out, "vq_within_fp32", model, "float32", attention_backend="KVFOLD_VQKV",
+                        additional_config={"kvfold": {"codebooks": str(books), "recent": 508}}, **common)
+    report["vqkv within window vs TRITON_ATTN (fp32)"] = agree(triton, within)
+    return report
+
+
 def main(out_dir: str, which: str = "dense") -> None:
     from kvfold.serving import Server
     from kvfold.tiny_model import write_tiny_model
@@ -122,8 +166,8 @@ def main(out_dir: str, which: str = "dense") -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
-    if which in ("treekv", "kernels"):
-        report = check_treekv(out, model) if which == "treekv" else check_kernels(out, model)
+    if which in ("treekv", "kernels", "vqkv"):
+        report = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv}[which](out, model)
         (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return

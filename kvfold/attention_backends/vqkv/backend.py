@@ -1,0 +1,298 @@
+"""KVFOLD_VQKV on vLLM: every token's K/V stored as one-byte codebook indices, sink/recent kept exact.
+
+Accounting: ``customize_spec`` shrinks the cell of a (token, KV head) from ``2 * head_size`` model
+values to ``num_codes`` bytes and adds the blocks each request needs for its exact tokens
+(:mod:`spec`), so vLLM's own capacity line, admission and max concurrency reflect the compression.
+A step attends first (codes of older tokens, exact sink/recent ring, the step's own tokens exactly)
+and then encodes its tokens into the cache (``forward_includes_kv_cache_update``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.attention.backend import AttentionLayer
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from kvfold.attention_backends.paged.attention import causal_gqa_attention
+from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
+from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.vqkv import codebooks as files
+from kvfold.attention_backends.vqkv.decode import decode_step
+from kvfold.attention_backends.vqkv.options import VQKVOptions
+from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
+from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
+from kvfold.attention_backends.vqkv.spec import VQKVSpec
+from kvfold.options import KvfoldConfigError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+NAME = "KVFOLD_VQKV"
+
+# vLLM asks for the KV spec outside its config context; layers built in this process under the
+# config recorded the options first.
+_options_seen: VQKVOptions | None = None
+
+
+@lru_cache(maxsize=8)
+def manifest_at(directory: str) -> files.CodebookManifest:
+    try:
+        return files.read_manifest(directory)
+    except FileNotFoundError as exc:
+        raise KvfoldConfigError(f"{NAME}: {exc}") from None
+
+
+def codebook_bytes(manifest: files.CodebookManifest) -> int:
+    """float32 codebooks of one layer, as held on the device."""
+    m = manifest
+    floats = m.codebook_size * (m.key_stages * m.head_size + m.value_stages * m.head_size_v)
+    return 4 * floats
+
+
+class VQKVImpl(KvfoldImpl):
+    method_name = NAME
+    options_model = VQKVOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        global _options_seen
+        super().__init__(*args, **kwargs)
+        from vllm.config import get_current_vllm_config
+
+        self.dtype = get_current_vllm_config().model_config.dtype
+        self.manifest = manifest_at(self.options.codebooks)
+        if (self.manifest.head_size, self.manifest.head_size_v) != (self.head_size, self.head_size):
+            raise KvfoldConfigError(
+                f"{NAME}: codebooks at {self.options.codebooks} are for head size "
+                f"{self.manifest.head_size}, this model's is {self.head_size}"
+            )
+        _options_seen = self.options
+        self._books: LayerCodebooks | None = None
+        self._layout: PageLayout | None = None
+
+    def state_bytes(self) -> int:
+        return codebook_bytes(self.manifest)
+
+    def _layer_books(self, layer: AttentionLayer, device: torch.device) -> LayerCodebooks:
+        if self._books is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            index = extract_layer_index(layer.layer_name)
+            books = files.load_layer(self.options.codebooks, index, self.manifest)
+
+            def moved(book: ResidualCodebook) -> ResidualCodebook:
+                return ResidualCodebook(book.dims.to(device), book.codewords.to(device, torch.float32))
+
+            self._books = LayerCodebooks(
+                books.head_size, books.head_size_v, [moved(b) for b in books.key], moved(books.value)
+            )
+        return self._books
+
+    def _page_layout(self, kv_cache: torch.Tensor) -> PageLayout:
+        if self._layout is None:
+            self._layout = PageLayout(
+                num_codes=self.manifest.num_codes,
+                head_size=self.head_size,
+                head_size_v=self.head_size,
+                dtype=self.dtype,
+                sink=self.options.sink,
+                recent=self.options.recent,
+                block_size=kv_cache.shape[2],
+            )
+        return self._layout
+
+    def attend(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: PagedMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        layout = self._page_layout(kv_cache)
+        books = self._layer_books(layer, query.device)
+        tokens = step_tokens(metadata, query.device)
+        decode_rows = metadata.scratch.get("vqkv_decode_rows")
+        if decode_rows is None:
+            decode_rows = [i for i, start, end, _ in metadata.requests() if end - start == 1]
+            metadata.scratch["vqkv_decode_rows"] = decode_rows
+        if decode_rows:
+            rows = torch.tensor(decode_rows, device=query.device)
+            starts = metadata.query_start_loc_cpu[decode_rows].to(query.device)
+            computed = metadata.seq_lens_cpu[decode_rows] - 1
+            coded = computed - layout.recent - computed.clamp(max=layout.sink)
+            out = decode_step(
+                query[starts], key[starts], value[starts], kv_cache,
+                metadata.block_table[rows], metadata.seq_lens_cpu[decode_rows].to(query.device),
+                layout, books, self.scale, longest=max(int(coded.max()), 0),
+            )
+            output[starts] = out.to(output.dtype)
+        for i, start, end, seq_len in metadata.requests():
+            if end - start == 1:
+                continue
+            computed = seq_len - (end - start)
+            past_k, past_v = read_past(kv_cache, metadata.block_table[i], computed, layout, books)
+            k = torch.cat([past_k, key[start:end].float()])
+            v = torch.cat([past_v, value[start:end].float()])
+            out = prefill_attention(query[start:end], k, v, self.scale, computed)
+            output[start:end] = out.to(output.dtype)
+        write_step(kv_cache, key, value, tokens, metadata, layout, books)
+
+
+def prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, computed: int
+) -> torch.Tensor:
+    """Causal GQA attention of a chunk; on CUDA through torch's fused SDPA in the query's dtype,
+    since the float32 reference would hold a ``[Hq, chunk, context]`` score matrix (GBs at 32k)."""
+    if query.device.type != "cuda":
+        return causal_gqa_attention(query, key, value, scale, computed)
+    num_q, num_k = query.shape[0], key.shape[0]
+    mask = torch.arange(num_k, device=query.device)[None, :] <= (
+        torch.arange(num_q, device=query.device)[:, None] + computed)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.to(query.dtype).transpose(0, 1), value.to(query.dtype).transpose(0, 1),
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(request index, position) of each of the step's tokens, built once per step for all layers."""
+    cached = metadata.scratch.get("vqkv_tokens")
+    if cached is None:
+        counts = metadata.query_start_loc_cpu.diff()
+        request = torch.repeat_interleave(torch.arange(metadata.num_reqs), counts)
+        offset = torch.arange(metadata.num_actual_tokens) - metadata.query_start_loc_cpu[request]
+        computed = metadata.seq_lens_cpu - counts
+        cached = (request.to(device), (computed[request] + offset).to(device))
+        metadata.scratch["vqkv_tokens"] = cached
+    return cached
+
+
+def read_past(
+    cache: torch.Tensor, row: torch.Tensor, computed: int, layout: PageLayout, books: LayerCodebooks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 K/V ``[computed, H, D]`` a step of one request sees for its cached tokens."""
+    positions = torch.arange(computed, device=cache.device)
+    rows = row.expand(computed, -1)
+    blocks, slots = layout.code_cells(rows, positions)
+    key, value = books.decode(read_cells(cache, blocks, slots)[..., : layout.num_codes])
+    exact = positions[(positions < layout.sink) | (positions >= computed - layout.recent)]
+    if exact.numel():
+        blocks, slots = layout.ring_cells(row.expand(exact.numel(), -1), layout.ring_index(exact))
+        exact_k, exact_v = layout.unpack_exact(read_cells(cache, blocks, slots))
+        key[exact], value[exact] = exact_k.float(), exact_v.float()
+    return key, value
+
+
+def write_step(
+    cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tokens: tuple[torch.Tensor, torch.Tensor],
+    metadata: PagedMetadata,
+    layout: PageLayout,
+    books: LayerCodebooks,
+) -> None:
+    """Codes of every new token; exact copies of the ones the ring keeps."""
+    request, positions = tokens
+    rows = metadata.block_table[request]
+    blocks, slots = layout.code_cells(rows, positions)
+    write_cells(cache, blocks, slots, books.encode(key, value))
+    seq_lens = metadata.scratch.get("vqkv_seq_lens")
+    if seq_lens is None:
+        seq_lens = metadata.scratch["vqkv_seq_lens"] = metadata.seq_lens_cpu.to(key.device)
+    kept = layout.is_kept_exact(positions, seq_lens[request]).nonzero().flatten()
+    if layout.ring_entries and kept.numel():
+        blocks, slots = layout.ring_cells(rows[kept], layout.ring_index(positions[kept]))
+        write_cells(cache, blocks, slots, layout.pack_exact(key[kept], value[kept]))
+
+
+class VQKVBackend(KvfoldBackend):
+    options_model = VQKVOptions
+    forward_includes_kv_cache_update = True  # writes need positions and the reserved-block offset
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[VQKVImpl]:
+        return VQKVImpl
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        if isinstance(spec, VQKVSpec):
+            return spec  # vLLM may call this more than once
+        options = _current_options()
+        manifest = manifest_at(options.codebooks)
+        layout = PageLayout(
+            num_codes=manifest.num_codes,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+            sink=options.sink,
+            recent=options.recent,
+            block_size=spec.block_size,
+        )
+        shared = {f.name for f in fields(FullAttentionSpec)}
+        base = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in shared and f.init}
+        base.update(
+            dtype=torch.uint8,
+            state_content_bytes=manifest.num_codes,
+            reserved_blocks=layout.reserved_blocks,
+        )
+        return VQKVSpec(**base)
+
+    @classmethod
+    def check_vllm_config(cls, options: VQKVOptions, vllm_config: VllmConfig) -> None:
+        if vllm_config.cache_config.enable_prefix_caching:
+            raise KvfoldConfigError(
+                f"{NAME} keeps each request's exact recent tokens in blocks of its own, which "
+                "prefix caching cannot share: start vLLM with --no-enable-prefix-caching"
+            )
+        if vllm_config.speculative_config is not None:
+            raise KvfoldConfigError(f"{NAME} does not support speculative decoding (rejected "
+                                    "draft tokens would stay in the exact ring)")
+        model = vllm_config.model_config
+        max_len = model.max_model_len
+        if options.sink + options.recent >= max_len:
+            raise KvfoldConfigError(
+                f"{NAME}: sink {options.sink} + recent {options.recent} >= max model length "
+                f"{max_len}; nothing would be quantized (use the dense backend)"
+            )
+        manifest = manifest_at(options.codebooks)
+        head_size = model.get_head_size()
+        layers = model.get_num_layers(vllm_config.parallel_config)
+        found = (manifest.num_layers, manifest.head_size, manifest.head_size_v)
+        if found != (layers, head_size, head_size):
+            raise KvfoldConfigError(
+                f"{NAME}: codebooks at {options.codebooks} are for {manifest.num_layers} layers "
+                f"and head size {manifest.head_size}/{manifest.head_size_v}; {model.model} has "
+                f"{layers} layers and head size {head_size}"
+            )
+        missing = files.missing_layers(options.codebooks, manifest)
+        if missing:
+            raise KvfoldConfigError(
+                f"{NAME}: codebooks at {options.codebooks} lack layers {missing[:8]}"
+                f"{'...' if len(missing) > 8 else ''}: rerun `kvfold calibrate vqkv` to finish them"
+            )
+
+
+def _current_options() -> VQKVOptions:
+    from vllm.config import get_current_vllm_config_or_none
+
+    from kvfold.attention_backends.selection import options_for
+
+    config = get_current_vllm_config_or_none()
+    if config is not None:
+        return options_for(NAME, config.additional_config)
+    if _options_seen is None:
+        raise KvfoldConfigError(f"{NAME}: options unknown outside vLLM's config context")
+    return _options_seen

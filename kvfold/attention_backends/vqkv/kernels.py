@@ -1,0 +1,391 @@
+"""VQKV decode attention straight from the paged code cache: no bf16 K/V is ever written to HBM.
+
+A cached token is ``num_codes`` one-byte indices (key branch 0's stages, key branch 1's, then the
+value's; ``reference.LayerCodebooks``). Two facts make attention over codes cheap:
+
+* keys: ``q . k = sum_j q[dims(j)] . codeword_j[code_j]``, so one lookup table per query head,
+  ``[key_codes, 256]`` float32 (:func:`key_tables`, a few KiB, computed once per step), turns a
+  token's score into ``key_codes`` gathers and adds. It is exact for the rotated keys vLLM hands
+  the backend, since the codebooks quantize post-RoPE keys;
+* values: a tile's values are rebuilt in registers as the sum of the value stages' codeword rows,
+  gathered from the layer's value codebook (``[stages, 256, Dv]``, L2-resident).
+
+:func:`decode_attention_torch` is the specification (gather, ``books.decode``, softmax);
+:func:`decode_attention` runs the Triton kernel on CUDA, and on CPU under ``TRITON_INTERPRET=1``.
+Each program takes one (request, KV head, split of the request's position range), scores the KV
+head's whole query group at once (padded to 16 rows for ``tl.dot``) with an online softmax, and
+writes its partial ``(acc, max, sum)``; a second small kernel merges the splits into the output
+and its log-sum-exp, which the caller uses to merge the exact sink/recent tokens.
+
+Cost: rebuilding values reads ``value_stages * Dv`` codebook elements from L2 per token and KV
+head (4 KiB at 16 stages, Dv 128, bf16), 8x the bytes dense bf16 K/V reads from HBM. On an H100
+the kernel runs at about 5 TB/s of such L2 reads, so with the default 8/16 stages it is ~4-6x
+slower than dense bf16 decode attention (torch SDPA) at batch >= 16, and on par or faster at batch 1
+(where dense attention does not fill the GPU): it saves memory, not time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton.language as tl
+
+from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodebooks
+
+# Positions per tile and warps per program, from a sweep on an H100 (Llama-3-8B and SmolLM2 shapes,
+# batch 1 to 64, 4k to 32k positions; 32/64/128/256 x 4/8 warps): 128 x 4 was fastest in 5 of 6
+# shapes (32 x 8 was 21% faster at batch 16 x 32k). The tile's rebuilt values are [BLOCK_N, Dv]
+# float32 in registers, so wider heads get shorter tiles.
+BLOCK_N = 128
+NUM_WARPS = 4
+# Enough programs to fill an H100's 132 SMs about twice at small batch.
+TARGET_PROGRAMS = 264
+LOG2E = 1.4426950408889634
+
+
+def key_tables(query: torch.Tensor, books: LayerCodebooks) -> torch.Tensor:
+    """ADC tables ``[R, Hq, key_codes, 256]`` float32 for ``query`` ``[R, Hq, D]``.
+
+    ``table[r, h, j, s] = query[r, h, dims(j)] . codeword_j[s]`` where key code ``j`` is a stage of
+    one branch (branch 0's stages first): a token's score is ``sum_j table[r, h, j, code_j]``.
+    One matrix product with :func:`key_codebook_matrix`.
+    """
+    num_reqs, num_heads, head_size = query.shape
+    matrix = key_codebook_matrix(books, query.device)
+    return (query.reshape(-1, head_size).float() @ matrix).view(num_reqs, num_heads, books.key_codes, -1)
+
+
+def gather_codes(cache: torch.Tensor, row: torch.Tensor, reserved_blocks: int, positions: torch.Tensor,
+                 num_codes: int) -> torch.Tensor:
+    """Codes ``[L, Hk, num_codes]`` of ``positions`` ``[L]`` for a request with block-table ``row``."""
+    block_size = cache.shape[2]
+    blocks = row[reserved_blocks + positions // block_size].long()
+    return cache[blocks, :, positions % block_size, :num_codes]
+
+
+def decode_attention_torch(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    reserved_blocks: int,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    books: LayerCodebooks,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per request over its code positions ``[starts[r], ends[r])``.
+
+    ``query`` ``[R, Hq, D]``; ``cache`` uint8 ``[blocks, Hk, block_size, C >= num_codes]`` (strided
+    views are fine); ``block_table`` ``[R, W]``, position ``p`` of request ``r`` in block
+    ``block_table[r, reserved_blocks + p // block_size]``, slot ``p % block_size``. Returns float32
+    ``(out [R, Hq, Dv], lse [R, Hq])``, the natural-log log-sum-exp of the scaled scores; an empty
+    range gives ``out = 0`` and ``lse = -inf``.
+    """
+    num_reqs, num_heads, head_size = query.shape
+    num_kv_heads = cache.shape[1]
+    group = num_heads // num_kv_heads
+    dev = query.device
+    out = torch.zeros(num_reqs, num_heads, books.head_size_v, device=dev)
+    lse = torch.full((num_reqs, num_heads), float("-inf"), device=dev)
+    for r in range(num_reqs):
+        start, end = int(starts[r]), int(ends[r])
+        if end <= start:
+            continue
+        positions = torch.arange(start, end, device=cache.device)
+        codes = gather_codes(cache, block_table[r].to(cache.device), reserved_blocks, positions, books.num_codes)
+        key, value = books.decode(codes.to(dev))  # [L, Hk, D], [L, Hk, Dv]
+        q = query[r].float().view(num_kv_heads, group, head_size)
+        logits = torch.einsum("hgd,lhd->hgl", q, key) * scale
+        lse[r] = torch.logsumexp(logits, -1).reshape(num_heads)
+        probs = torch.softmax(logits, -1)
+        out[r] = torch.einsum("hgl,lhd->hgd", probs, value).reshape(num_heads, -1)
+    return out, lse
+
+
+def _decode_split(
+    Tables, Cache, BlockTable, Starts, Ends, VBook,  # noqa: N803 (Triton pointer arguments)
+    OutPart, MPart, LPart,  # noqa: N803
+    chunk, reserved,
+    stride_tr, stride_th,
+    stride_cb, stride_ch, stride_cs, stride_cc,
+    stride_br,
+    stride_or, stride_oh, stride_os,
+    stride_mr, stride_mh,
+    PAGE: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,  # noqa: N803
+    KC: tl.constexpr, VS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
+    BOOK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,  # noqa: N803
+    UPCAST: tl.constexpr,  # noqa: N803
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    lo = tl.load(Starts + r)
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, tl.load(Ends + r))
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    heads = h * G + offs_g
+    # Table rows of the group's query heads; tables already carry scale * log2(e).
+    tab_rows = Tables + r * stride_tr + heads[:, None] * stride_th  # [BLOCK_G, 1]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < DV
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_DV], 0.0, tl.float32)
+    row = BlockTable + r * stride_br + reserved
+    head_cells = Cache + h * stride_ch
+    for s0 in range(start, end, BLOCK_N):  # every tile holds at least one position of the range
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block = tl.load(row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+        cells = head_cells + block * stride_cb + (offs_n % PAGE) * stride_cs  # [BLOCK_N] uint8*
+        # The tile's cells come from HBM once (BLOCK_N * num_codes bytes); the per-code column
+        # reads below hit L1, which is cheaper than extracting columns from a register tile.
+        qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
+        for j in range(KC):
+            code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
+            qk += tl.load(tab_rows + j * BOOK + code[None, :], mask=mask_g[:, None], other=0.0)
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        # Values of the tile, dequantized in registers: the sum of the stages' codeword rows
+        # (rows past the range read codeword 0 and get p = 0).
+        values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
+        for s in range(VS):
+            code = tl.load(cells + (KC + s) * stride_cc, mask=mask_n, other=0).to(tl.int32)
+            rows = VBook + (s * BOOK + code[:, None]) * DV + offs_dv[None, :]
+            values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
+        if UPCAST:
+            pv = tl.dot(p, values, input_precision=PRECISION)
+        else:  # the codebook's dtype: float32 (IEEE dot) or the model's 16-bit type (tensor cores)
+            dt = VBook.dtype.element_ty
+            pv = tl.dot(p.to(dt), values.to(dt), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_rows = OutPart + r * stride_or + heads[:, None] * stride_oh + split * stride_os
+    tl.store(out_rows + offs_dv[None, :], acc, mask=mask_g[:, None] & mask_dv[None, :])
+    ml = r * stride_mr + heads * stride_mh + split
+    tl.store(MPart + ml, m_i, mask=mask_g)
+    tl.store(LPart + ml, l_i, mask=mask_g)
+
+
+def _merge_splits(
+    OutPart, MPart, LPart, Out, Lse,  # noqa: N803
+    splits,
+    stride_por, stride_poh, stride_pos,
+    stride_mr, stride_mh,
+    stride_or, stride_oh,
+    stride_lr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,  # noqa: N803
+):
+    r = tl.program_id(0)
+    hq = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < splits
+    ml = MPart + r * stride_mr + hq * stride_mh
+    m_s = tl.load(ml + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(m_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: every weight is 0
+    l_s = tl.load(LPart + r * stride_mr + hq * stride_mh + offs_s, mask=mask_s, other=0.0)
+    total = tl.sum(l_s * tl.exp2(m_s - m_safe), 0)
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < DV
+    acc = tl.full([BLOCK_DV], 0.0, tl.float32)
+    parts = OutPart + r * stride_por + hq * stride_poh
+    for c0 in range(0, splits, CHUNK_S):
+        offs_c = c0 + tl.arange(0, CHUNK_S)
+        mask_c = offs_c < splits
+        w = tl.exp2(tl.load(ml + offs_c, mask=mask_c, other=float("-inf")) - m_safe)
+        part = tl.load(parts + offs_c[:, None] * stride_pos + offs_dv[None, :],
+                       mask=mask_c[:, None] & mask_dv[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)
+    tl.store(Out + r * stride_or + hq * stride_oh + offs_dv, out, mask=mask_dv)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    tl.store(Lse + r * stride_lr + hq, lse)
+
+
+_jitted: dict[bool, Any] = {}
+
+
+def _kernels() -> Any:
+    """The jitted kernels; built on first use so ``TRITON_INTERPRET`` set by then is honoured."""
+    import triton
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpret not in _jitted:
+        _jitted[interpret] = (triton.jit(_decode_split), triton.jit(_merge_splits))
+    return _jitted[interpret]
+
+
+def triton_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+_converted: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+
+def _once(sources: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype, make) -> torch.Tensor:
+    """``make()``, computed once per (codebook tensors and their versions, device, dtype)."""
+    key = (*((id(t), t._version) for t in sources), str(device), dtype)
+    hit = _converted.get(key)
+    if hit is None:
+        if len(_converted) > 4096:
+            _converted.clear()
+        hit = _converted[key] = (sources, make())  # keeps the sources alive: their ids stay unique
+    return hit[1]
+
+
+def key_codebook_matrix(books: LayerCodebooks, device: torch.device) -> torch.Tensor:
+    """``[D, key_codes * 256]`` float32: column ``(j, s)`` is codeword ``s`` of key code ``j``,
+    zero outside its branch's dims, so ``query @ matrix`` is every table at once."""
+
+    def make() -> torch.Tensor:
+        matrix = torch.zeros(books.head_size, books.key_codes, CODEBOOK_SIZE, device=device)
+        start = 0
+        for branch in books.key:
+            words = branch.codewords.to(device, torch.float32)  # [stages, 256, len(dims)]
+            matrix[branch.dims.to(device), start : start + branch.stages] = words.permute(2, 0, 1)
+            start += branch.stages
+        return matrix.view(books.head_size, -1)
+
+    sources = tuple(branch.codewords for branch in books.key) + tuple(branch.dims for branch in books.key)
+    return _once(sources, device, torch.float32, make)
+
+
+def value_codebook(books: LayerCodebooks, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The value codewords ``[stages, 256, Dv]`` as the kernel reads them, converted once per layer.
+
+    float32 for a float32 model; the model's 16-bit type otherwise: the tile's ``p @ V`` runs on
+    tensor cores in that type, so the rebuilt values are rounded to it anyway, and 16-bit codewords
+    halve the L2 traffic of the gathers, the kernel's largest (the stage sum stays float32).
+    """
+    source = books.value.codewords
+
+    def make() -> torch.Tensor:  # columns in dim order, whatever order the codebook lists them in
+        book = torch.zeros(*source.shape[:2], books.head_size_v, device=device, dtype=dtype)
+        book[..., books.value.dims.to(device)] = source.to(device, dtype)
+        return book
+
+    return _once((source, books.value.dims), device, dtype, make)
+
+
+def block_n_for(head_size_v: int) -> int:
+    return min(BLOCK_N, max(16, 16384 // _pow2(head_size_v)))
+
+
+def num_splits_for(num_reqs: int, num_kv_heads: int, longest: int, block_n: int = BLOCK_N) -> tuple[int, int]:
+    """``(splits, chunk)``: enough programs for the GPU, each a whole number of ``block_n`` tiles."""
+    tiles = max(1, -(-longest // block_n))
+    splits = min(tiles, max(1, -(-TARGET_PROGRAMS // max(1, num_reqs * num_kv_heads))))
+    chunk = -(-tiles // splits) * block_n
+    return max(1, -(-longest // chunk)), chunk
+
+
+def decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    reserved_blocks: int,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    books: LayerCodebooks,
+    scale: float,
+    *,
+    longest: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_attention_torch`, computed by the Triton kernel where Triton runs.
+
+    ``longest`` (the largest ``ends - starts``, if the caller knows it on the host) saves a device
+    sync; ``num_splits`` caps the split count chosen from it (splits are whole tiles).
+    """
+    if not triton_enabled(query.device):
+        return decode_attention_torch(query, cache, block_table, reserved_blocks, starts, ends, books, scale)
+    num_reqs, num_heads, _ = query.shape
+    _, num_kv_heads, block_size, width = cache.shape
+    if cache.dtype != torch.uint8 or width < books.num_codes:
+        raise ValueError(f"VQKV's kernel reads uint8 cells of >= {books.num_codes} codes, got "
+                         f"{cache.dtype} {tuple(cache.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
+    if books.value.codewords.shape[1] != CODEBOOK_SIZE:
+        raise ValueError(f"VQKV's kernel needs {CODEBOOK_SIZE}-entry codebooks")
+    group = num_heads // num_kv_heads
+    head_size_v = books.head_size_v
+    dev = query.device
+    starts = starts.to(dev, torch.int32)
+    ends = ends.to(dev, torch.int32)
+    if longest is None:
+        longest = int((ends - starts).max()) if num_reqs else 0
+    if num_reqs == 0 or longest <= 0:
+        empty = torch.full((num_reqs, num_heads), float("-inf"), device=dev)
+        return torch.zeros(num_reqs, num_heads, head_size_v, device=dev), empty
+    block_n = block_n_for(head_size_v)
+    if num_splits is None:
+        splits, chunk = num_splits_for(num_reqs, num_kv_heads, longest, block_n)
+    else:
+        chunk = -(-longest // max(1, num_splits))
+        chunk = -(-chunk // block_n) * block_n
+        splits = -(-longest // chunk)
+
+    # scale * log2(e) folded into the tables: the kernel's softmax runs in base 2.
+    scaled = query.reshape(num_reqs * num_heads, -1).float() * (scale * LOG2E)
+    tables = (scaled @ key_codebook_matrix(books, dev)).view(num_reqs, num_heads, books.key_codes, -1)
+    book_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
+    vbook = value_codebook(books, dev, book_dtype)
+    block_table = block_table.to(dev, torch.int32)
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    block_g = max(16, _pow2(group))
+    block_dv = max(16, _pow2(head_size_v))
+    out = torch.empty(num_reqs, num_heads, head_size_v, device=dev)  # every element is written
+    lse = torch.empty(num_reqs, num_heads, device=dev)
+    out_part = torch.empty(num_reqs, num_heads, splits, head_size_v, device=dev)
+    m_part = torch.empty(num_reqs, num_heads, splits, device=dev)
+    l_part = torch.empty_like(m_part)
+    precision = "ieee" if book_dtype == torch.float32 else "tf32"  # (tf32 is unused for 16-bit dots)
+    # Triton's interpreter multiplies 16-bit floats wrongly (a bf16 dot is off by 1e10); it computes
+    # in float32 there, which checks everything but the GPU's 16-bit dot.
+    upcast = not query.is_cuda
+
+    split_kernel, merge_kernel = _kernels()
+    split_kernel[(num_reqs, num_kv_heads, splits)](
+        tables, cache, block_table, starts, ends, vbook,
+        out_part, m_part, l_part,
+        chunk, int(reserved_blocks),
+        tables.stride(0), tables.stride(1),
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        block_table.stride(0),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        m_part.stride(0), m_part.stride(1),
+        PAGE=block_size, G=group, BLOCK_G=block_g, KC=books.key_codes, VS=books.value.stages,
+        DV=head_size_v, BLOCK_DV=block_dv, BOOK=CODEBOOK_SIZE, BLOCK_N=block_n,
+        PRECISION=precision, UPCAST=upcast, num_warps=NUM_WARPS,
+    )
+    merge_kernel[(num_reqs, num_heads)](
+        out_part, m_part, l_part, out, lse,
+        splits,
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        m_part.stride(0), m_part.stride(1),
+        out.stride(0), out.stride(1),
+        lse.stride(0),
+        DV=head_size_v, BLOCK_DV=block_dv, BLOCK_S=max(16, _pow2(splits)), CHUNK_S=16,
+    )
+    return out, lse
+
