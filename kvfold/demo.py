@@ -47,6 +47,8 @@ def run_demo(ns: argparse.Namespace) -> dict:
     for backend in [None, *ns.backends]:
         label = backend or "vLLM default"
         args = common + (["--attention-backend", backend] if backend else [])
+        if backend == "KVFOLD_VQKV":
+            args += ["--additional-config", json.dumps({"kvfold": {"codebooks": str(_codebooks(model, workdir))}})]
         print(f"serving with {label} ...", flush=True)
         with Server(model, args, workdir / f"serve-{backend or 'default'}.log", env=env) as server:
             capacity = server.capacity()
@@ -63,6 +65,16 @@ def run_demo(ns: argparse.Namespace) -> dict:
     (workdir / "capacity.json").write_text(json.dumps(rows, indent=2))
     print(f"\nresults: {workdir / 'capacity.json'}; server logs beside it")
     return {"rows": rows}
+
+
+def _codebooks(model: Path, workdir: Path) -> Path:
+    """VQKV codebooks of the demo model (a quick fit: the demo shows capacity, not fidelity)."""
+    from kvfold.attention_backends.vqkv.calibrate import calibrate
+
+    out = workdir / "vqkv_codebooks"
+    print(f"fitting VQKV codebooks for {model} -> {out} (resumable)")
+    calibrate(model, out, num_tokens=8192, seq_len=1024, iterations=5, max_samples=8192)
+    return out
 
 
 def _on_cpu() -> bool:
