@@ -64,7 +64,11 @@ def validate_vllm_config(vllm_config: VllmConfig) -> None:
     if selected in BACKENDS or (selected == "CUSTOM" and owns_custom()):
         name = method_for(selected, vllm_config.additional_config)
         options = options_for(name, vllm_config.additional_config)
-        backend_class(name).check_vllm_config(options, vllm_config)
+        cls = backend_class(name)
+        if cls.prefix_caching_refusal and vllm_config.cache_config.enable_prefix_caching:
+            raise KvfoldConfigError(f"{name} {cls.prefix_caching_refusal}: start vLLM with "
+                                    "--no-enable-prefix-caching")
+        cls.check_vllm_config(options, vllm_config)
     elif has_section:
         raise KvfoldConfigError(
             "--additional-config has a 'kvfold' section, but the attention backend is "

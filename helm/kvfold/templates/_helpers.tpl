@@ -37,3 +37,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Values.model.path -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The kvfold method that serves: the backend, or options.method under CUSTOM (kvfold's own
+     spelling rules: "treekv" and "KVFOLD_TREEKV" name the same method). */}}
+{{- define "kvfold.method" -}}
+{{- if eq .Values.kvfold.backend "CUSTOM" -}}
+{{- $m := upper (toString (default "" .Values.kvfold.options.method)) -}}
+{{- if hasPrefix "KVFOLD_" $m }}{{ $m }}{{ else }}{{ printf "KVFOLD_%s" $m }}{{ end -}}
+{{- else -}}
+{{- .Values.kvfold.backend -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Methods whose blocks prefix caching cannot share (their backend's prefix_caching_refusal):
+     vLLM enables prefix caching by default, and kvfold refuses it at start-up for these. */}}
+{{- define "kvfold.refusesPrefixCaching" -}}
+{{- if has (include "kvfold.method" .) (list "KVFOLD_TREEKV" "KVFOLD_VQKV") }}true{{ end -}}
+{{- end -}}

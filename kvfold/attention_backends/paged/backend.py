@@ -39,6 +39,9 @@ class KvfoldBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list[CacheDType]] = ["auto", "float16", "bfloat16"]
     options_model: ClassVar[type[MethodOptions]] = MethodOptions
+    #: Why vLLM's prefix caching cannot share this method's blocks, or None when it can. Read by
+    #: the start-up check and by the Helm chart test (the chart adds --no-enable-prefix-caching).
+    prefix_caching_refusal: ClassVar[str | None] = None
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:

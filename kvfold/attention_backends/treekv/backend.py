@@ -255,6 +255,9 @@ class TreeKVBackend(KvfoldBackend):
     options_model = TreeKVOptions
     forward_includes_kv_cache_update = True  # writes need positions, which forward has
     supported_kv_cache_dtypes = ["auto"]
+    prefix_caching_refusal = (
+        "rewrites cache blocks in place, so prefix caching cannot share them"
+    )
 
     @staticmethod
     def get_name() -> str:
@@ -280,11 +283,6 @@ class TreeKVBackend(KvfoldBackend):
 
     @classmethod
     def check_vllm_config(cls, options: TreeKVOptions, vllm_config: VllmConfig) -> None:
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise KvfoldConfigError(
-                f"{NAME} rewrites cache blocks in place, so prefix caching cannot share them: "
-                "start vLLM with --no-enable-prefix-caching"
-            )
         max_len = vllm_config.model_config.max_model_len
         if options.budget >= max_len:
             raise KvfoldConfigError(

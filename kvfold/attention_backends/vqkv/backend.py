@@ -217,6 +217,9 @@ class VQKVBackend(KvfoldBackend):
     options_model = VQKVOptions
     forward_includes_kv_cache_update = True  # writes need positions and the reserved-block offset
     supported_kv_cache_dtypes = ["auto"]
+    prefix_caching_refusal = (
+        "keeps each request's exact recent tokens in blocks of its own, which prefix caching cannot share"
+    )
 
     @staticmethod
     def get_name() -> str:
@@ -252,11 +255,6 @@ class VQKVBackend(KvfoldBackend):
 
     @classmethod
     def check_vllm_config(cls, options: VQKVOptions, vllm_config: VllmConfig) -> None:
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise KvfoldConfigError(
-                f"{NAME} keeps each request's exact recent tokens in blocks of its own, which "
-                "prefix caching cannot share: start vLLM with --no-enable-prefix-caching"
-            )
         if vllm_config.speculative_config is not None:
             raise KvfoldConfigError(f"{NAME} does not support speculative decoding (rejected "
                                     "draft tokens would stay in the exact ring)")
