@@ -34,11 +34,12 @@ import triton.language as tl
 
 from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodebooks
 
-# Positions per tile and warps per split program. A tile's one-hot products are
-# [stages, heads * 16, BLOCK_N]; the histogram accumulator holds HIST_ELEMENTS float32.
-BLOCK_N = 16
-NUM_WARPS = 8
-HIST_ELEMENTS = 16384
+# Positions per tile and warps per program, from a sweep on an H100 (Llama-3-8B and SmolLM2 shapes,
+# batch 1 to 64, 4k to 32k positions; 32/64/128/256 x 4/8 warps): 128 x 4 was fastest in 5 of 6
+# shapes (32 x 8 was 21% faster at batch 16 x 32k). The tile's rebuilt values are [BLOCK_N, Dv]
+# float32 in registers, so wider heads get shorter tiles.
+BLOCK_N = 128
+NUM_WARPS = 4
 # Enough programs to fill an H100's 132 SMs about twice at small batch.
 TARGET_PROGRAMS = 264
 LOG2E = 1.4426950408889634
@@ -104,39 +105,37 @@ def decode_attention_torch(
 
 
 def _decode_split(
-    Tables, Cache, BlockTable, Starts, Ends,  # noqa: N803 (Triton pointer arguments)
-    HistPart, MPart, LPart,  # noqa: N803
+    Tables, Cache, BlockTable, Starts, Ends, VBook,  # noqa: N803 (Triton pointer arguments)
+    OutPart, MPart, LPart,  # noqa: N803
     chunk, reserved,
     stride_tr, stride_th,
     stride_cb, stride_ch, stride_cs, stride_cc,
     stride_br,
-    stride_hr, stride_hh, stride_hs,
+    stride_or, stride_oh, stride_os,
     stride_mr, stride_mh,
-    PAGE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, SUBS: tl.constexpr,  # noqa: N803
-    KC: tl.constexpr, VS: tl.constexpr, BLOCK_VS: tl.constexpr,  # noqa: N803
-    BLOCK_N: tl.constexpr, P_DTYPE: tl.constexpr, PRECISION: tl.constexpr,  # noqa: N803
+    PAGE: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,  # noqa: N803
+    KC: tl.constexpr, VS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
+    BOOK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,  # noqa: N803
+    UPCAST: tl.constexpr,  # noqa: N803
 ):
     r = tl.program_id(0)
-    h = tl.program_id(1) // SUBS  # KV head
-    sub = tl.program_id(1) % SUBS  # which GP query heads of its group
+    h = tl.program_id(1)
     split = tl.program_id(2)
     lo = tl.load(Starts + r)
     start = lo + split * chunk
     end = tl.minimum(start + chunk, tl.load(Ends + r))
 
-    offs_g = sub * GP + tl.arange(0, GP)
+    offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
     heads = h * G + offs_g
-    # Table rows of the query heads; tables already carry scale * log2(e).
-    tab_rows = Tables + r * stride_tr + heads[:, None] * stride_th  # [GP, 1]
-    offs_vs = tl.arange(0, BLOCK_VS)
-    mask_vs = offs_vs < VS
-    nibble = tl.arange(0, 16)
+    # Table rows of the group's query heads; tables already carry scale * log2(e).
+    tab_rows = Tables + r * stride_tr + heads[:, None] * stride_th  # [BLOCK_G, 1]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < DV
 
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.full([GP], 0.0, tl.float32)
-    # hist[s, g * 16 + hi, lo]: the probability mass of value code 16 hi + lo at stage s.
-    hist = tl.full([BLOCK_VS, GP * 16, 16], 0.0, tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_DV], 0.0, tl.float32)
     row = BlockTable + r * stride_br + reserved
     head_cells = Cache + h * stride_ch
     for s0 in range(start, end, BLOCK_N):  # every tile holds at least one position of the range
@@ -144,95 +143,77 @@ def _decode_split(
         mask_n = offs_n < end
         block = tl.load(row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
         cells = head_cells + block * stride_cb + (offs_n % PAGE) * stride_cs  # [BLOCK_N] uint8*
-        qk = tl.full([GP, BLOCK_N], 0.0, tl.float32)
+        # The tile's cells come from HBM once (BLOCK_N * num_codes bytes); the per-code column
+        # reads below hit L1, which is cheaper than extracting columns from a register tile.
+        qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
         for j in range(KC):
             code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
-            qk += tl.load(tab_rows + j * 256 + code[None, :], mask=mask_g[:, None], other=0.0)
+            qk += tl.load(tab_rows + j * BOOK + code[None, :], mask=mask_g[:, None], other=0.0)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
-        # Lazy rescaling: the reference max moves only when a score exceeds it by 2^8, so most
-        # tiles skip rescaling the histogram (p stays <= 256, exact enough in fp16 and float32).
-        m_tile = tl.max(qk, 1)
-        if tl.max((m_tile > m_i + 8.0).to(tl.int32), 0) > 0:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            rows_alpha = tl.reshape(tl.broadcast_to(alpha[:, None], [GP, 16]), [GP * 16])
-            hist = hist * rows_alpha[None, :, None]
-            m_i = m_new
-        p = tl.exp2(qk - m_i[:, None])
-        l_i += tl.sum(p, 1)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
 
-        # Values: scatter p into the stages' 256 bins as a product of one-hot nibbles,
-        # (p x onehot(hi)) @ onehot(lo), one batched dot over the stages on tensor cores. 
-        codes = tl.load(cells[:, None] + (KC + offs_vs[None, :]) * stride_cc,
-                        mask=mask_n[:, None] & mask_vs[None, :], other=0).to(tl.int32)
-        codes = tl.trans(codes)  # [BLOCK_VS, BLOCK_N]
-        hi = (codes >> 4)[:, None, :] == nibble[None, :, None]  # [BLOCK_VS, 16, BLOCK_N]
-        pa = tl.where(hi[:, None, :, :], p[None, :, None, :], 0.0)  # [BLOCK_VS, GP, 16, BLOCK_N]
-        pa = tl.reshape(pa, [BLOCK_VS, GP * 16, BLOCK_N]).to(P_DTYPE)
-        lo_hot = ((codes & 15)[:, :, None] == nibble[None, None, :]).to(P_DTYPE)  # [BLOCK_VS, BLOCK_N, 16]
-        hist += tl.dot(pa, lo_hot, input_precision=PRECISION)
+        # Values of the tile, dequantized in registers: the sum of the stages' codeword rows
+        # (rows past the range read codeword 0 and get p = 0).
+        values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
+        for s in range(VS):
+            code = tl.load(cells + (KC + s) * stride_cc, mask=mask_n, other=0).to(tl.int32)
+            rows = VBook + (s * BOOK + code[:, None]) * DV + offs_dv[None, :]
+            values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
+        if UPCAST:
+            pv = tl.dot(p, values, input_precision=PRECISION)
+        else:  # the codebook's dtype: float32 (IEEE dot) or the model's 16-bit type (tensor cores)
+            dt = VBook.dtype.element_ty
+            pv = tl.dot(p.to(dt), values.to(dt), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
 
-    # HistPart[r, head, split, s * 256 + code]
-    bins = tl.arange(0, GP * 16)
-    g_of = sub * GP + bins // 16
-    dst = (HistPart + r * stride_hr + (h * G + g_of)[None, :, None] * stride_hh + split * stride_hs
-           + offs_vs[:, None, None] * 256 + (bins % 16)[None, :, None] * 16 + nibble[None, None, :])
-    tl.store(dst, hist, mask=mask_vs[:, None, None] & (g_of < G)[None, :, None])
+    out_rows = OutPart + r * stride_or + heads[:, None] * stride_oh + split * stride_os
+    tl.store(out_rows + offs_dv[None, :], acc, mask=mask_g[:, None] & mask_dv[None, :])
     ml = r * stride_mr + heads * stride_mh + split
     tl.store(MPart + ml, m_i, mask=mask_g)
     tl.store(LPart + ml, l_i, mask=mask_g)
 
 
 def _merge_splits(
-    HistPart, MPart, LPart, VBook, Out, Lse,  # noqa: N803
+    OutPart, MPart, LPart, Out, Lse,  # noqa: N803
     splits,
-    stride_hr, stride_hh, stride_hs,
+    stride_por, stride_poh, stride_pos,
     stride_mr, stride_mh,
     stride_or, stride_oh,
     stride_lr,
-    G: tl.constexpr, GM: tl.constexpr, SUBS: tl.constexpr, VS: tl.constexpr,  # noqa: N803
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,  # noqa: N803
-    PRECISION: tl.constexpr,  # noqa: N803
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,  # noqa: N803
 ):
-    """Per (request, query heads of one KV head): weight the splits' histograms by their softmax
-    share, then ``out = sum_s hist_s @ codebook_s``, reading each stage's codebook once for GM heads."""
     r = tl.program_id(0)
-    h = tl.program_id(1) // SUBS
-    sub = tl.program_id(1) % SUBS
-    offs_g = sub * GM + tl.arange(0, 16)  # GM <= 16 heads, padded to tl.dot's 16 rows
-    mask_g = (tl.arange(0, 16) < GM) & (offs_g < G)
-    heads = h * G + offs_g
+    hq = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < splits
-    ml = r * stride_mr + heads[:, None] * stride_mh + offs_s[None, :]
-    mask_gs = mask_g[:, None] & mask_s[None, :]
-    m_s = tl.load(MPart + ml, mask=mask_gs, other=float("-inf"))  # [16, BLOCK_S]
-    m = tl.max(m_s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no position at all: every weight is 0
-    w = tl.exp2(m_s - m_safe[:, None])
-    total = tl.sum(tl.load(LPart + ml, mask=mask_gs, other=0.0) * w, 1)
-    empty = total == 0.0
-    w = w / tl.where(empty, 1.0, total)[:, None]  # normalized: the histogram sums to 1 per stage
+    ml = MPart + r * stride_mr + hq * stride_mh
+    m_s = tl.load(ml + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(m_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: every weight is 0
+    l_s = tl.load(LPart + r * stride_mr + hq * stride_mh + offs_s, mask=mask_s, other=0.0)
+    total = tl.sum(l_s * tl.exp2(m_s - m_safe), 0)
 
-    offs_k = tl.arange(0, 256)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < DV
-    parts = HistPart + r * stride_hr + heads[:, None] * stride_hh + offs_k[None, :]
-    acc = tl.full([16, BLOCK_DV], 0.0, tl.float32)
-    for s in range(VS):
-        hs = tl.full([16, 256], 0.0, tl.float32)
-        for c in range(splits):
-            w_c = tl.sum(tl.where(offs_s[None, :] == c, w, 0.0), 1)
-            hs += w_c[:, None] * tl.load(parts + c * stride_hs + s * 256, mask=mask_g[:, None], other=0.0)
-        book = tl.load(VBook + (s * 256 + offs_k[:, None]) * DV + offs_dv[None, :], mask=mask_dv[None, :],
-                       other=0.0)
-        acc += tl.dot(hs, book, input_precision=PRECISION)
-    tl.store(Out + r * stride_or + heads[:, None] * stride_oh + offs_dv[None, :], acc,
-             mask=mask_g[:, None] & mask_dv[None, :])
+    acc = tl.full([BLOCK_DV], 0.0, tl.float32)
+    parts = OutPart + r * stride_por + hq * stride_poh
+    for c0 in range(0, splits, CHUNK_S):
+        offs_c = c0 + tl.arange(0, CHUNK_S)
+        mask_c = offs_c < splits
+        w = tl.exp2(tl.load(ml + offs_c, mask=mask_c, other=float("-inf")) - m_safe)
+        part = tl.load(parts + offs_c[:, None] * stride_pos + offs_dv[None, :],
+                       mask=mask_c[:, None] & mask_dv[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)
+    tl.store(Out + r * stride_or + hq * stride_oh + offs_dv, out, mask=mask_dv)
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
-    tl.store(Lse + r * stride_lr + heads, lse, mask=mask_g)
+    tl.store(Lse + r * stride_lr + hq, lse)
 
 
 _jitted: dict[bool, Any] = {}
@@ -287,37 +268,31 @@ def key_codebook_matrix(books: LayerCodebooks, device: torch.device) -> torch.Te
     return _once(sources, device, torch.float32, make)
 
 
-def value_codebook(books: LayerCodebooks, device: torch.device) -> torch.Tensor:
-    """The value codewords ``[stages, 256, Dv]`` float32 in dim order, converted once per layer.
+def value_codebook(books: LayerCodebooks, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The value codewords ``[stages, 256, Dv]`` as the kernel reads them, converted once per layer.
 
-    The merge kernel reads each stage once per (request, KV head): float32 costs little there and
-    keeps ``histogram @ codebook`` at tf32 precision or better.
+    float32 for a float32 model; the model's 16-bit type otherwise: the tile's ``p @ V`` runs on
+    tensor cores in that type, so the rebuilt values are rounded to it anyway, and 16-bit codewords
+    halve the L2 traffic of the gathers, the kernel's largest (the stage sum stays float32).
     """
     source = books.value.codewords
 
     def make() -> torch.Tensor:  # columns in dim order, whatever order the codebook lists them in
-        book = torch.zeros(*source.shape[:2], books.head_size_v, device=device)
-        book[..., books.value.dims.to(device)] = source.to(device, torch.float32)
+        book = torch.zeros(*source.shape[:2], books.head_size_v, device=device, dtype=dtype)
+        book[..., books.value.dims.to(device)] = source.to(device, dtype)
         return book
 
-    return _once((source, books.value.dims), device, torch.float32, make)
+    return _once((source, books.value.dims), device, dtype, make)
 
 
-def group_block(group: int, value_stages: int) -> int:
-    """Query heads per split program: the histogram ``[stages, heads * 256]`` float32 stays within
-    ``HIST_ELEMENTS`` registers' worth."""
-    per_head = _pow2(value_stages) * CODEBOOK_SIZE
-    if per_head > HIST_ELEMENTS:
-        raise ValueError(f"VQKV's kernel supports at most {HIST_ELEMENTS // CODEBOOK_SIZE} value stages, "
-                         f"the codebooks have {value_stages}")
-    return max(1, min(_pow2(group), HIST_ELEMENTS // per_head))
+def block_n_for(head_size_v: int) -> int:
+    return min(BLOCK_N, max(16, 16384 // _pow2(head_size_v)))
 
 
-def num_splits_for(programs: int, longest: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """``(splits, chunk)`` of each request's range over ``programs`` (request, head block) pairs:
-    enough programs for the GPU, each a whole number of ``block_n`` tiles."""
+def num_splits_for(num_reqs: int, num_kv_heads: int, longest: int, block_n: int = BLOCK_N) -> tuple[int, int]:
+    """``(splits, chunk)``: enough programs for the GPU, each a whole number of ``block_n`` tiles."""
     tiles = max(1, -(-longest // block_n))
-    splits = min(tiles, max(1, -(-TARGET_PROGRAMS // max(1, programs))))
+    splits = min(tiles, max(1, -(-TARGET_PROGRAMS // max(1, num_reqs * num_kv_heads))))
     chunk = -(-tiles // splits) * block_n
     return max(1, -(-longest // chunk)), chunk
 
@@ -335,7 +310,7 @@ def decode_attention(
     longest: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_attention_torch`, computed by the Triton kernels where Triton runs.
+    """:func:`decode_attention_torch`, computed by the Triton kernel where Triton runs.
 
     ``longest`` (the largest ``ends - starts``, if the caller knows it on the host) saves a device
     sync; ``num_splits`` caps the split count chosen from it (splits are whole tiles).
@@ -353,9 +328,6 @@ def decode_attention(
         raise ValueError(f"VQKV's kernel needs {CODEBOOK_SIZE}-entry codebooks")
     group = num_heads // num_kv_heads
     head_size_v = books.head_size_v
-    value_stages = books.value.stages
-    gp = group_block(group, value_stages)
-    subs = -(-group // gp)
     dev = query.device
     starts = starts.to(dev, torch.int32)
     ends = ends.to(dev, torch.int32)
@@ -364,9 +336,9 @@ def decode_attention(
     if num_reqs == 0 or longest <= 0:
         empty = torch.full((num_reqs, num_heads), float("-inf"), device=dev)
         return torch.zeros(num_reqs, num_heads, head_size_v, device=dev), empty
-    block_n = BLOCK_N
+    block_n = block_n_for(head_size_v)
     if num_splits is None:
-        splits, chunk = num_splits_for(num_reqs * num_kv_heads * subs, longest, block_n)
+        splits, chunk = num_splits_for(num_reqs, num_kv_heads, longest, block_n)
     else:
         chunk = -(-longest // max(1, num_splits))
         chunk = -(-chunk // block_n) * block_n
@@ -375,46 +347,45 @@ def decode_attention(
     # scale * log2(e) folded into the tables: the kernel's softmax runs in base 2.
     scaled = query.reshape(num_reqs * num_heads, -1).float() * (scale * LOG2E)
     tables = (scaled @ key_codebook_matrix(books, dev)).view(num_reqs, num_heads, books.key_codes, -1)
+    book_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
+    vbook = value_codebook(books, dev, book_dtype)
     block_table = block_table.to(dev, torch.int32)
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
+    block_g = max(16, _pow2(group))
+    block_dv = max(16, _pow2(head_size_v))
     out = torch.empty(num_reqs, num_heads, head_size_v, device=dev)  # every element is written
     lse = torch.empty(num_reqs, num_heads, device=dev)
-    hist = torch.empty(num_reqs, num_heads, splits, value_stages * CODEBOOK_SIZE, device=dev)
+    out_part = torch.empty(num_reqs, num_heads, splits, head_size_v, device=dev)
     m_part = torch.empty(num_reqs, num_heads, splits, device=dev)
     l_part = torch.empty_like(m_part)
-    # 16-bit models: the histogram dot runs on tensor cores in fp16 (p <= 256 keeps 11 bits, and
-    # one-hot entries are exact), like the bf16 P of flash attention. float32 models and Triton's
-    # interpreter (whose 16-bit dot is wrong) compute in IEEE float32.
-    exact = query.dtype == torch.float32 or not query.is_cuda
-    p_dtype = tl.float32 if exact else tl.float16
-    precision = "ieee" if exact else "tf32"
+    precision = "ieee" if book_dtype == torch.float32 else "tf32"  # (tf32 is unused for 16-bit dots)
+    # Triton's interpreter multiplies 16-bit floats wrongly (a bf16 dot is off by 1e10); it computes
+    # in float32 there, which checks everything but the GPU's 16-bit dot.
+    upcast = not query.is_cuda
 
     split_kernel, merge_kernel = _kernels()
-    split_kernel[(num_reqs, num_kv_heads * subs, splits)](
-        tables, cache, block_table, starts, ends,
-        hist, m_part, l_part,
+    split_kernel[(num_reqs, num_kv_heads, splits)](
+        tables, cache, block_table, starts, ends, vbook,
+        out_part, m_part, l_part,
         chunk, int(reserved_blocks),
         tables.stride(0), tables.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_table.stride(0),
-        hist.stride(0), hist.stride(1), hist.stride(2),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
         m_part.stride(0), m_part.stride(1),
-        PAGE=block_size, G=group, GP=gp, SUBS=subs, KC=books.key_codes, VS=value_stages,
-        BLOCK_VS=_pow2(value_stages), BLOCK_N=block_n, P_DTYPE=p_dtype, PRECISION=precision,
-        num_warps=NUM_WARPS,
+        PAGE=block_size, G=group, BLOCK_G=block_g, KC=books.key_codes, VS=books.value.stages,
+        DV=head_size_v, BLOCK_DV=block_dv, BOOK=CODEBOOK_SIZE, BLOCK_N=block_n,
+        PRECISION=precision, UPCAST=upcast, num_warps=NUM_WARPS,
     )
-    gm = min(16, group)
-    merge_subs = -(-group // gm)
-    merge_kernel[(num_reqs, num_kv_heads * merge_subs)](
-        hist, m_part, l_part, value_codebook(books, dev), out, lse,
+    merge_kernel[(num_reqs, num_heads)](
+        out_part, m_part, l_part, out, lse,
         splits,
-        hist.stride(0), hist.stride(1), hist.stride(2),
+        out_part.stride(0), out_part.stride(1), out_part.stride(2),
         m_part.stride(0), m_part.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0),
-        G=group, GM=gm, SUBS=merge_subs, VS=value_stages,
-        DV=head_size_v, BLOCK_DV=max(16, _pow2(head_size_v)), BLOCK_S=max(16, _pow2(splits)),
-        PRECISION=precision,
+        DV=head_size_v, BLOCK_DV=block_dv, BLOCK_S=max(16, _pow2(splits)), CHUNK_S=16,
     )
     return out, lse
+
