@@ -112,3 +112,14 @@ def test_bad_options_stop_startup(run_engine, tiny_llama, books_dir, tmp_path) -
     run = run_engine(tiny_llama, prompts(5), 1, **vqkv(books_dir), max_model_len=1024,
                      enable_prefix_caching=True, timeout=180)
     assert run.returncode != 0 and "--no-enable-prefix-caching" in run.log
+
+
+def test_bfloat16_beyond_the_window(run_engine, tiny_llama, books_dir) -> None:
+    # The model dtype users serve: 16-bit exact cells, codes for everything older than the window,
+    # chunked prefill across the window's edge.
+    common = {**COMMON, "dtype": "bfloat16", "max_num_batched_tokens": 128, "enable_chunked_prefill": True}
+    batch = prompts(700, 300)
+    run = run_engine(tiny_llama, batch, 16, **vqkv(books_dir, sink=4, recent=60), **common)
+    assert run.returncode == 0, run.log[-3000:]
+    assert [len(t) for t in run["tokens"]] == [16, 16]
+    assert run["metrics"]["vllm:kv_cache_usage_perc"] == 0
