@@ -2,7 +2,7 @@
 
 ``kvfold serve MODEL --attention-backend KVFOLD_DENSE ...`` is vLLM's ``vllm serve`` (any vLLM
 subcommand passes through unchanged); ``kvfold demo`` shows the KV capacity of each backend;
-``kvfold calibrate METHOD MODEL`` fits what a method needs from a model (``vqkv``: its codebooks).
+``kvfold calibrate METHOD MODEL`` fits what a method needs from a model (``vqkv``: its codebooks; ``fourier``: the compressed head dims).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     """``kvfold calibrate METHOD ...``: one sub-subcommand per method that fits something."""
+    from kvfold.attention_backends.fourier import calibrate as fourier
     from kvfold.attention_backends.vqkv import calibrate as vqkv
 
     calibrate = sub.add_parser("calibrate", help="fit a method's data to a model (e.g. VQKV codebooks)")
@@ -48,6 +49,11 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     vqkv.add_arguments(parser)
     parser.set_defaults(run=vqkv.run_cli)
+    parser = methods.add_parser("fourier", help="choose the head dims FourierAttention compresses",
+                                description=fourier.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    fourier.add_arguments(parser)
+    parser.set_defaults(run=fourier.run_cli)
 
 
 if __name__ == "__main__":
