@@ -123,6 +123,13 @@ def heat_map(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def save(result: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    done = {k: v for k, v in result["backends"].items() if "accuracy" in v}
+    if done:
+        heat_map({**result, "backends": done}, out.with_suffix(".png"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--engine"]:
@@ -152,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "lengths": lengths, "depths": depths, "trials": args.trials,
                               "dtype": args.dtype, "backends": {}}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in tqdm(args.backends.split(";"), desc="backends"):
             name, options = parse_backend(spec)
@@ -162,19 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log = Path(tmp) / f"{name}.log"
                 result["backends"][label] = {"error": str(exc), "log_tail": log.read_text()[-3000:]}
                 tqdm.write(f"{label}: failed")
-                continue
-            hits = [answer_key(text) == key for text, (_, _, key) in zip(run["texts"], cases)]
-            accuracy = {f"{n}@{d}": sum(h for h, c in zip(hits, cases) if c[:2] == (n, d)) / args.trials
-                        for n in lengths for d in depths}
-            result["backends"][label] = {"accuracy": accuracy, "overall": sum(hits) / len(hits),
-                                         "answers": run["texts"], "seconds": run["seconds"],
-                                         "kv_cache_tokens": run["kv_cache_tokens"]}
-            tqdm.write(f"{label}: {sum(hits)}/{len(hits)} correct")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    if any("accuracy" in b for b in result["backends"].values()):
-        ok = {k: v for k, v in result["backends"].items() if "accuracy" in v}
-        heat_map({**result, "backends": ok}, args.out.with_suffix(".png"))
+            else:
+                hits = [answer_key(text) == key for text, (_, _, key) in zip(run["texts"], cases)]
+                accuracy = {f"{n}@{d}": sum(h for h, c in zip(hits, cases) if c[:2] == (n, d)) / args.trials
+                            for n in lengths for d in depths}
+                result["backends"][label] = {"accuracy": accuracy, "overall": sum(hits) / len(hits),
+                                             "answers": run["texts"], "seconds": run["seconds"],
+                                             "kv_cache_tokens": run["kv_cache_tokens"]}
+                tqdm.write(f"{label}: {sum(hits)}/{len(hits)} correct")
+            save(result, args.out)  # after every backend: a run cut short keeps what it measured
     return 0
 
 
