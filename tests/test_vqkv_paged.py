@@ -126,14 +126,14 @@ def run_paged_steps(vllm_config: VllmConfig, device: str) -> None:
 def test_spec_counts_codes_and_the_reserved_blocks(tiny_llama, codebook_dir) -> None:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from kvfold.attention_backends.vqkv.spec import VQKVSpec
+    from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec
 
     config = make_config(tiny_llama, codebook_dir)
     full = FullAttentionSpec(block_size=BS, num_kv_heads=HK, head_size=D, dtype=torch.bfloat16)
     with set_current_vllm_config(config):
         spec = VQKVBackend.customize_spec(full)
     num_codes = 2 * KEY_STAGES + VALUE_STAGES
-    assert isinstance(spec, VQKVSpec) and spec.page_size_bytes == BS * HK * num_codes
+    assert isinstance(spec, ReservedBlocksSpec) and spec.page_size_bytes == BS * HK * num_codes
     # Each exact token (bf16 K and V: 256 bytes) spans ceil(256 / 7) = 37 cells of 7 code bytes.
     assert spec.reserved_blocks == -(-(SINK + RECENT) * 37 // BS)
     per_request = spec.max_memory_usage_bytes(config)

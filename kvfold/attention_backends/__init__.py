@@ -11,7 +11,7 @@ BACKENDS: dict[str, str] = {
 }
 
 #: KV-cache spec types a method adds to vLLM's allocator, registered in every vLLM process.
-KV_CACHE_SPECS: list[str] = ["kvfold.attention_backends.vqkv.spec.register"]
+KV_CACHE_SPECS: list[str] = ["kvfold.attention_backends.paged.reserved.register"]
 
 #: ``--attention-backend CUSTOM`` dispatches to the method named in ``{"kvfold": {"method": ...}}``.
 CUSTOM_BACKEND = "kvfold.attention_backends.custom.CustomBackend"

@@ -9,23 +9,22 @@ and then encodes its tokens into the cache (``forward_includes_kv_cache_update``
 
 from __future__ import annotations
 
-from dataclasses import fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.v1.attention.backend import AttentionLayer
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvfold.attention_backends.paged.attention import causal_gqa_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
 from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.options import VQKVOptions
 from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
-from kvfold.attention_backends.vqkv.spec import VQKVSpec
 from kvfold.options import KvfoldConfigError
 
 if TYPE_CHECKING:
@@ -254,7 +253,7 @@ class VQKVBackend(KvfoldBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        if isinstance(spec, VQKVSpec):
+        if isinstance(spec, ReservedBlocksSpec):
             return spec  # vLLM may call this more than once
         options = _current_options()
         manifest = manifest_at(options.codebooks)
@@ -267,14 +266,8 @@ class VQKVBackend(KvfoldBackend):
             recent=options.recent,
             block_size=spec.block_size,
         )
-        shared = {f.name for f in fields(FullAttentionSpec)}
-        base = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in shared and f.init}
-        base.update(
-            dtype=torch.uint8,
-            state_content_bytes=manifest.num_codes,
-            reserved_blocks=layout.reserved_blocks,
-        )
-        return VQKVSpec(**base)
+        return reserved_spec(spec, reserved_blocks=layout.reserved_blocks,
+                             state_content_bytes=manifest.num_codes)
 
     @classmethod
     def check_vllm_config(cls, options: VQKVOptions, vllm_config: VllmConfig) -> None:

@@ -4,7 +4,7 @@ A request's block-table row starts with ``reserved_blocks`` blocks of its own th
 tokens (``sink`` first tokens and a ring of the ``recent`` newest), each spread over
 ``cells_per_entry`` consecutive cells; its position blocks follow, so position ``p`` is cell
 ``p % block_size`` of block ``row[reserved_blocks + p // block_size]`` (vLLM's slot_mapping, which
-does not know the reserved blocks, is not used). ``spec.VQKVSpec`` makes vLLM allocate, admit and
+does not know the reserved blocks, is not used). ``paged.reserved.ReservedBlocksSpec`` makes vLLM allocate, admit and
 count the reserved blocks.
 """
 

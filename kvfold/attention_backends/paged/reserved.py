@@ -1,27 +1,30 @@
-"""VQKV in vLLM's allocator: a full-attention spec whose requests own extra leading blocks.
+"""A full-attention spec whose requests own extra leading blocks: fixed per-request state in vLLM's allocator.
 
-vLLM sizes a request's blocks by its token count only. VQKV also keeps each request's sink and
-recent tokens exact, a fixed amount per request, so :class:`VQKVSpec` adds ``reserved_blocks`` to
-what a request is allocated (:class:`VQKVManager`), to its block-table row, and to the memory per
-request behind vLLM's "Maximum concurrency" line and admission. Registered with vLLM's
-``KVCacheSpecRegistry`` by the kvfold plugin in every process.
+vLLM sizes a request's blocks by its token count only. Methods that also hold a fixed amount per
+request (VQKV's exact sink/recent ring, FourierAttention's spectral coefficients) use
+:class:`ReservedBlocksSpec`: it adds ``reserved_blocks`` to what a request is allocated
+(:class:`ReservedBlocksManager`), to its block-table row (columns ``0 .. reserved_blocks - 1``, the
+position blocks follow), and to the memory per request behind vLLM's "Maximum concurrency" line and
+admission. Registered with vLLM's ``KVCacheSpecRegistry`` by the kvfold plugin in every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class VQKVSpec(FullAttentionSpec):
+class ReservedBlocksSpec(FullAttentionSpec):
     reserved_blocks: int = 0
 
     def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
@@ -31,15 +34,15 @@ class VQKVSpec(FullAttentionSpec):
         return super().max_num_blocks_per_req(vllm_config, max_len) + self.reserved_blocks
 
     @classmethod
-    def merge(cls, specs: list[Any]) -> VQKVSpec:
+    def merge(cls, specs: list[Any]) -> ReservedBlocksSpec:
         reserved = {spec.reserved_blocks for spec in specs}
         if len(reserved) != 1:
-            raise ValueError(f"VQKV layers of one KV-cache group reserve different blocks: {reserved}")
+            raise ValueError(f"layers of one KV-cache group reserve different blocks: {reserved}")
         merged = super().merge(specs)  # builds cls(...) from the AttentionSpec fields only
         return dataclasses.replace(merged, reserved_blocks=reserved.pop())
 
 
-class VQKVManager(FullAttentionManager):
+class ReservedBlocksManager(FullAttentionManager):
     """Full attention plus ``reserved_blocks`` per request, counted as tokens ahead of position 0."""
 
     def _reserved_tokens(self) -> int:
@@ -74,9 +77,21 @@ class VQKVManager(FullAttentionManager):
 
 
 def register() -> None:
-    """Make vLLM's registry map :class:`VQKVSpec` to :class:`VQKVManager` (idempotent)."""
+    """Make vLLM's registry map :class:`ReservedBlocksSpec` to its manager (idempotent)."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     # Registering first would leave the registry non-empty, and vLLM would then skip its built-ins.
     KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(VQKVSpec, VQKVManager, uniform_type_base_spec=VQKVSpec)
+    KVCacheSpecRegistry.register(ReservedBlocksSpec, ReservedBlocksManager,
+                                 uniform_type_base_spec=ReservedBlocksSpec)
+
+
+def reserved_spec(spec: AttentionSpec, *, reserved_blocks: int, state_content_bytes: int,
+                  num_head_slots: int | None = None) -> ReservedBlocksSpec:
+    """``spec`` (vLLM's standard page for the layer) as uint8 cells of ``state_content_bytes``
+    bytes, ``num_head_slots`` per (block, slot) (default: one per KV head), plus reserved blocks."""
+    shared = {f.name for f in fields(FullAttentionSpec)}
+    base = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in shared and f.init}
+    base.update(dtype=torch.uint8, state_content_bytes=state_content_bytes,
+                num_head_slots=num_head_slots, reserved_blocks=reserved_blocks)
+    return ReservedBlocksSpec(**base)
