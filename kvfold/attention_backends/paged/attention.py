@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -33,3 +35,44 @@ def causal_gqa_attention(
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("hgqk,khd->qhgd", probs, value.float())
     return out.reshape(num_q, num_heads, head_size_v)
+
+
+def prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, computed: int
+) -> torch.Tensor:
+    """Causal GQA attention of a chunk over its past and itself.
+
+    For methods whose chunks attend to K/V they rebuilt from compressed pages. CPU: the float32
+    reference. CUDA, 16-bit models: vLLM's flash attention on the contiguous rebuilt K/V (the
+    causal mask is bottom-right aligned, which is exactly "the chunk's rows are the last rows"), so
+    memory stays O(context): torch SDPA with an explicit mask and GQA falls back to its math
+    kernel and holds ``[Hq, chunk, context]`` scores, which ran a 32k-token
+    prefill on an H100 out of memory. float32 models (GPU checks of tiny models) use SDPA.
+    """
+    if query.device.type != "cuda":
+        return causal_gqa_attention(query, key, value, scale, computed)
+    num_q, num_k = query.shape[0], key.shape[0]
+    if query.dtype in (torch.float16, torch.bfloat16):
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        cu_q = torch.tensor([0, num_q], dtype=torch.int32, device=query.device)
+        cu_k = torch.tensor([0, num_k], dtype=torch.int32, device=query.device)
+        return flash_attn_varlen_func(
+            q=query.contiguous(), k=key.to(query.dtype), v=value.to(query.dtype),
+            max_seqlen_q=num_q, cu_seqlens_q=cu_q, max_seqlen_k=num_k, cu_seqlens_k=cu_k,
+            softmax_scale=scale, causal=True, fa_version=_fa_version(query.shape[-1]),
+        )
+    mask = torch.arange(num_k, device=query.device)[None, :] <= (
+        torch.arange(num_q, device=query.device)[:, None] + computed)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.to(query.dtype).transpose(0, 1), value.to(query.dtype).transpose(0, 1),
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+@lru_cache(maxsize=None)
+def _fa_version(head_size: int) -> int | None:
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version(head_size=head_size)

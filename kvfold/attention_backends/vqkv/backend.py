@@ -16,7 +16,7 @@ import torch
 from vllm.v1.attention.backend import AttentionLayer
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from kvfold.attention_backends.paged.attention import causal_gqa_attention
+from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
@@ -141,46 +141,6 @@ class VQKVImpl(KvfoldImpl):
             out = prefill_attention(query[start:end], k, v, self.scale, computed)
             output[start:end] = out.to(output.dtype)
         write_step(kv_cache, key, value, tokens, metadata, layout, books)
-
-
-def prefill_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, computed: int
-) -> torch.Tensor:
-    """Causal GQA attention of a chunk over its past and itself.
-
-    CPU: the float32 reference. CUDA, 16-bit models: vLLM's flash attention on the contiguous
-    decoded K/V (the causal mask is bottom-right aligned, which is exactly "the chunk's rows are
-    the last rows"), so memory stays O(context): torch SDPA with an explicit mask and GQA falls
-    back to its math kernel and holds ``[Hq, chunk, context]`` scores, which ran a 32k-token
-    prefill on an H100 out of memory. float32 models (GPU checks of tiny models) use SDPA.
-    """
-    if query.device.type != "cuda":
-        return causal_gqa_attention(query, key, value, scale, computed)
-    num_q, num_k = query.shape[0], key.shape[0]
-    if query.dtype in (torch.float16, torch.bfloat16):
-        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-
-        cu_q = torch.tensor([0, num_q], dtype=torch.int32, device=query.device)
-        cu_k = torch.tensor([0, num_k], dtype=torch.int32, device=query.device)
-        return flash_attn_varlen_func(
-            q=query.contiguous(), k=key.to(query.dtype), v=value.to(query.dtype),
-            max_seqlen_q=num_q, cu_seqlens_q=cu_q, max_seqlen_k=num_k, cu_seqlens_k=cu_k,
-            softmax_scale=scale, causal=True, fa_version=_fa_version(query.shape[-1]),
-        )
-    mask = torch.arange(num_k, device=query.device)[None, :] <= (
-        torch.arange(num_q, device=query.device)[:, None] + computed)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.transpose(0, 1), key.to(query.dtype).transpose(0, 1), value.to(query.dtype).transpose(0, 1),
-        attn_mask=mask, scale=scale, enable_gqa=True,
-    )
-    return out.transpose(0, 1)
-
-
-@lru_cache(maxsize=None)
-def _fa_version(head_size: int) -> int | None:
-    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-
-    return get_flash_attn_version(head_size=head_size)
 
 
 def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
