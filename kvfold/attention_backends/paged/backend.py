@@ -32,6 +32,26 @@ if TYPE_CHECKING:
     from vllm.config.cache import CacheDType
 
 
+# vLLM asks a backend for its KV spec (customize_spec) outside its config context; the layers built
+# in this process under the config record their method's options here first.
+_options_seen: dict[str, MethodOptions] = {}
+
+
+def spec_options(name: str) -> MethodOptions:
+    """Method ``name``'s options where ``customize_spec`` runs: from vLLM's current config when
+    there is one, else as the layers built in this process recorded them."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    from kvfold.attention_backends.selection import options_for
+
+    config = get_current_vllm_config_or_none()
+    if config is not None:
+        return options_for(name, config.additional_config)
+    if name not in _options_seen:
+        raise KvfoldConfigError(f"{name}: options unknown outside vLLM's config context")
+    return _options_seen[name]
+
+
 class KvfoldBackend(AttentionBackend):
     """What vLLM's selector and KV-cache allocator ask of a kvfold backend."""
 
@@ -113,6 +133,7 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         self.options = self._current_options()
+        _options_seen[self.method_name] = self.options
         self.metrics: BackendMetrics = self._current_metrics()
         # A layer sharing another layer's cache must not count that cache twice.
         self._cache_reported = kv_sharing_target_layer_name is not None

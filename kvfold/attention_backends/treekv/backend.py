@@ -19,7 +19,7 @@ import torch
 from vllm.v1.attention.backend import AttentionLayer
 from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 
-from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
+from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
 from kvfold.attention_backends.treekv.options import TreeKVOptions
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 NAME = "KVFOLD_TREEKV"
-
-# vLLM asks for the KV spec outside its config context; the layers built in this process under
-# the config recorded the options first.
-_options_seen: TreeKVOptions | None = None
 
 
 def rope_inv_freq(vllm_config: VllmConfig, head_size: int) -> torch.Tensor:
@@ -62,7 +58,6 @@ class TreeKVImpl(KvfoldImpl):
     _reporter_taken = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        global _options_seen
         super().__init__(*args, **kwargs)
         from vllm.config import get_current_vllm_config
 
@@ -72,7 +67,6 @@ class TreeKVImpl(KvfoldImpl):
         self.inv_freq = (  # rope_rotate moves it to the device of the keys it rotates
             rope_inv_freq(config, self.head_size) if self.options.positions == "rank" else None
         )
-        _options_seen = self.options
         # Every layer drops the same number of tokens per KV head; the first layer built in this
         # worker reports them, so kvfold:tokens_evicted counts tokens, not tokens x layers.
         self._reports_evictions = not TreeKVImpl._reporter_taken
@@ -271,7 +265,7 @@ class TreeKVBackend(KvfoldBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         if isinstance(spec, SlidingWindowSpec) and spec.dtype == torch.uint8:
             return spec  # vLLM may call this more than once
-        options = _current_options()
+        options = spec_options(NAME)
         shared = {f.name for f in fields(SlidingWindowSpec)}
         base = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name in shared and f.init}
         base.update(
@@ -294,16 +288,3 @@ class TreeKVBackend(KvfoldBackend):
         if options.positions == "rank":
             head_size = vllm_config.model_config.get_head_size()
             rope_inv_freq(vllm_config, head_size)
-
-
-def _current_options() -> TreeKVOptions:
-    from vllm.config import get_current_vllm_config_or_none
-
-    from kvfold.attention_backends.selection import options_for
-
-    config = get_current_vllm_config_or_none()
-    if config is not None:
-        return options_for(NAME, config.additional_config)
-    if _options_seen is None:
-        raise KvfoldConfigError(f"{NAME}: options unknown outside vLLM's config context")
-    return _options_seen

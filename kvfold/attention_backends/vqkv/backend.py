@@ -17,7 +17,7 @@ from vllm.v1.attention.backend import AttentionLayer
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvfold.attention_backends.paged.attention import prefill_attention
-from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl
+from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 NAME = "KVFOLD_VQKV"
-
-# vLLM asks for the KV spec outside its config context; layers built in this process under the
-# config recorded the options first.
-_options_seen: VQKVOptions | None = None
 
 
 @lru_cache(maxsize=8)
@@ -57,7 +53,6 @@ class VQKVImpl(KvfoldImpl):
     options_model = VQKVOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        global _options_seen
         super().__init__(*args, **kwargs)
         from vllm.config import get_current_vllm_config
 
@@ -68,7 +63,6 @@ class VQKVImpl(KvfoldImpl):
                 f"{NAME}: codebooks at {self.options.codebooks} are for head size "
                 f"{self.manifest.head_size}, this model's is {self.head_size}"
             )
-        _options_seen = self.options
         self._books: LayerCodebooks | None = None
         self._layout: PageLayout | None = None
 
@@ -215,7 +209,7 @@ class VQKVBackend(KvfoldBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         if isinstance(spec, ReservedBlocksSpec):
             return spec  # vLLM may call this more than once
-        options = _current_options()
+        options = spec_options(NAME)
         manifest = manifest_at(options.codebooks)
         layout = PageLayout(
             num_codes=manifest.num_codes,
@@ -257,16 +251,3 @@ class VQKVBackend(KvfoldBackend):
                 f"{NAME}: codebooks at {options.codebooks} lack layers {missing[:8]}"
                 f"{'...' if len(missing) > 8 else ''}: rerun `kvfold calibrate vqkv` to finish them"
             )
-
-
-def _current_options() -> VQKVOptions:
-    from vllm.config import get_current_vllm_config_or_none
-
-    from kvfold.attention_backends.selection import options_for
-
-    config = get_current_vllm_config_or_none()
-    if config is not None:
-        return options_for(NAME, config.additional_config)
-    if _options_seen is None:
-        raise KvfoldConfigError(f"{NAME}: options unknown outside vLLM's config context")
-    return _options_seen
