@@ -8,6 +8,7 @@ BACKENDS: dict[str, str] = {
     "KVFOLD_DENSE": "kvfold.attention_backends.dense.backend.DenseBackend",
     "KVFOLD_TREEKV": "kvfold.attention_backends.treekv.backend.TreeKVBackend",
     "KVFOLD_VQKV": "kvfold.attention_backends.vqkv.backend.VQKVBackend",
+    "KVFOLD_FOURIER": "kvfold.attention_backends.fourier.backend.FourierBackend",
 }
 
 #: KV-cache spec types a method adds to vLLM's allocator, registered in every vLLM process.

@@ -167,12 +167,54 @@ def calibrate(
         num_layers=len(projections), num_kv_heads=kv_heads, head_size=head_size, head_size_v=head_size,
         sink=sink, recent=recent, freqs=freqs, seq_len=seq_len, tokens=counted * seq_len,
         text=text_source(texts), model=str(Path(model_dir).resolve()), layers=layers)
+    write(dims, out_dir)
+    return dims
+
+
+def write(dims: FourierDims, out_dir: str | Path) -> None:
+    """``out_dir/fourier.json``, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (FILE + ".tmp")
     tmp.write_text(dims.model_dump_json(indent=1))
     os.replace(tmp, out / FILE)
-    return dims
+
+
+def random_dims(
+    model_dir: str | Path,
+    *,
+    seed: int,
+    sink: int = 4,
+    recent: int = 1020,
+    freqs: int = 512,
+    fractions: tuple[float, float] | None = None,
+) -> FourierDims:
+    """Dims chosen at random in the paper's per-layer proportions, for a model whose weights carry
+    no signal (speed and memory runs with dummy weights): same memory and work as calibrated dims,
+    no claim on quality. ``text`` says so."""
+    import torch
+
+    from kvfold.attention_backends.fourier.selection import paper_fractions, select
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
+    g = torch.Generator().manual_seed(seed)
+    entries = []
+    for index in range(layers):
+        kf, vf = fractions if fractions is not None else paper_fractions(index, layers)
+        noise = torch.rand(2, kv_heads, head_size, generator=g)
+        entries.append(LayerDims(
+            key_fraction=kf, value_fraction=vf,
+            key_dims=[d.tolist() for d in select(noise[0], kf)],
+            value_dims=[d.tolist() for d in select(noise[1], vf)],
+            key_error=noise[0].tolist(), value_error=noise[1].tolist()))
+    return FourierDims(
+        num_layers=layers, num_kv_heads=kv_heads, head_size=head_size, head_size_v=head_size,
+        sink=sink, recent=recent, freqs=freqs, seq_len=0, tokens=0, text=f"random (seed {seed})",
+        model=str(Path(model_dir).resolve()), layers=entries)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +228,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", help="KEY,VALUE compressed fraction for every layer "
                         "(default: the paper's per-layer schedule)")
     parser.add_argument("--text", type=Path, nargs="*", help="text files/directories (default: stdlib)")
+    parser.add_argument("--random", type=int, metavar="SEED",
+                        help="no calibration: dims at random in the schedule's proportions, for speed "
+                        "and memory runs on dummy weights (no quality claim)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
 
@@ -198,6 +243,13 @@ def run_cli(ns: argparse.Namespace) -> FourierDims:
         except ValueError as exc:
             raise SystemExit(f"--fractions {ns.fractions!r}: expected KEY,VALUE such as 0.8,0.8") from exc
         fractions = (key, value)
+    if ns.random is not None:
+        dims = random_dims(ns.model, seed=ns.random, sink=ns.sink, recent=ns.recent, freqs=ns.freqs,
+                           fractions=fractions)
+        write(dims, ns.out)
+        print(f"wrote {Path(ns.out) / FILE} (random dims, seed {ns.random}): {dims.num_layers} layers, "
+              f"{100 * dims.compressed_fraction:.1f}% of K/V dims compressed")
+        return dims
     try:
         dims = calibrate(ns.model, ns.out, num_tokens=ns.tokens, seq_len=ns.seq_len, sink=ns.sink,
                          recent=ns.recent, freqs=ns.freqs, fractions=fractions, texts=ns.text,

@@ -93,7 +93,7 @@ class CompressedMiddle:
         """The first compression of a middle ``x`` ``[L, D]`` (prefill, or the first overflow)."""
         if x.shape[0] > window:
             raise ValueError(f"a middle of {x.shape[0]} tokens does not fit a Fourier window of {window}")
-        kept_dims = _complement(dims, x.shape[1])
+        kept_dims = complement(dims, x.shape[1])
         coef = project(x[:, dims], 0, window, freqs)
         norm = Normalization.fit(x[:, dims], reconstruct(coef, x.shape[0], window))
         return cls(dims, kept_dims, coef, norm, x[:, kept_dims].float(), window)
@@ -123,7 +123,8 @@ class CompressedMiddle:
         return out
 
 
-def _complement(dims: torch.Tensor, size: int) -> torch.Tensor:
+def complement(dims: torch.Tensor, size: int) -> torch.Tensor:
+    """The dims of ``0 .. size - 1`` not in ``dims`` (the ones a head keeps per token), sorted."""
     mask = torch.ones(size, dtype=torch.bool)
     mask[dims] = False
     return torch.arange(size)[mask]
