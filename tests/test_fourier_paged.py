@@ -36,14 +36,14 @@ def dims_dir(tmp_path_factory, tiny_llama):
     return directory
 
 
-def make_config(model, dims_dir, **options) -> VllmConfig:
+def make_config(model, dims_dir, dtype: str = "float32", **options) -> VllmConfig:
     from vllm.config import AttentionConfig, CacheConfig
 
     from kvfold.vllm_plugins.general import register
 
     register()
     return VllmConfig(
-        model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=MAX_LEN),
+        model_config=ModelConfig(model=str(model), dtype=dtype, max_model_len=MAX_LEN),
         cache_config=CacheConfig(enable_prefix_caching=False),
         attention_config=AttentionConfig(backend="KVFOLD_FOURIER"),
         additional_config={"kvfold": {"dims": str(dims_dir), **options}},
@@ -62,16 +62,26 @@ def vllm_views(layout, num_blocks: int, order: str, device: str) -> list[torch.T
                              layer * page) for layer in range(layout.num_layers)]
 
 
-@pytest.mark.parametrize("order", ["layer-major", "block-major"])
-def test_paged_steps_equal_the_stream(tiny_llama, dims_dir, order: str) -> None:
-    run_paged_steps(make_config(tiny_llama, dims_dir), "cpu", order)
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("order,dtype", [("layer-major", "float32"), ("block-major", "bfloat16")])
+def test_paged_steps_equal_the_stream(tiny_llama, dims_dir, order: str, dtype: str, kernel: str) -> None:
+    from kvfold.attention_backends.fourier.kernels import triton_enabled
+
+    assert triton_enabled(torch.device("cpu")) == (kernel == "triton")
+    run_paged_steps(make_config(tiny_llama, dims_dir, dtype), "cpu", order)
 
 
 def run_paged_steps(vllm_config: VllmConfig, device: str, order: str = "layer-major") -> None:
-    """The check itself; tests/gpu/check_cuda.py runs it on CUDA too."""
+    """The check itself; tests/gpu/check_cuda.py runs it on CUDA too.
+
+    A 16-bit model's cache holds K/V in its dtype (two pre-compression middle tokens per
+    coefficient row): the data are rounded to it first, so the cache stores them exactly and the
+    specification sees the same numbers; queries stay float32 as the arithmetic does.
+    """
+    dtype = vllm_config.model_config.dtype
     with set_current_vllm_config(vllm_config):
         impls = [FourierImpl(HQ, D, D**-0.5, HK) for _ in range(2)]
-    layout = layout_for(impls[0].options, torch.float32, BS)
+    layout = layout_for(impls[0].options, dtype, BS)
     arena = CacheArena(vllm_views(layout, 300, order, device), layout)
     layers = []
     for index, impl in enumerate(impls):
@@ -84,7 +94,7 @@ def run_paged_steps(vllm_config: VllmConfig, device: str, order: str = "layer-ma
     # single-token prefill; one long prompt in a single step (exact prefill, then rank-1 updates).
     plans = {0: [30, 25, 40] + [1] * 12, 1: [9] + [1] * 40, 2: [1] + [1] * 20, 3: [120] + [1] * 8}
     g = torch.Generator().manual_seed(0)
-    data = {r: [[torch.randn(sum(p), h, D, generator=g).to(device) for h in (HQ, HK, HK)]
+    data = {r: [[torch.randn(sum(p), h, D, generator=g).to(dtype).float().to(device) for h in (HQ, HK, HK)]
                 for _ in impls] for r, p in plans.items()}
     streams = {r: [stream_for(layout, index, window, device) for index in range(len(impls))] for r in plans}
     done = dict.fromkeys(plans, 0)

@@ -24,6 +24,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvfold.attention_backends.fourier import calibrate as files
 from kvfold.attention_backends.fourier.arena import CacheArena
+from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
+from kvfold.attention_backends.fourier.kernels import triton_enabled
 from kvfold.attention_backends.fourier.layout import FourierLayout
 from kvfold.attention_backends.fourier.options import FourierOptions
 from kvfold.attention_backends.fourier.paged import visible, write_request
@@ -93,6 +95,7 @@ class FourierImpl(KvfoldImpl):
             raise KvfoldConfigError(f"{NAME}: dims at {self.options.dims} are for head size "
                                     f"{self.dims.head_size}, this model's is {self.head_size}")
         self.arena: CacheArena | None = None  # the tests outside an engine set it
+        self.tables: HeadTables | None = None
         self.layer_index: int | None = None
 
     def _layer(self, layer: AttentionLayer) -> int:
@@ -142,14 +145,25 @@ class FourierImpl(KvfoldImpl):
                 v = torch.cat([v, value[start:end].float()])
                 out = prefill_attention(query[start:end], k.to(query.dtype), v.to(query.dtype), self.scale, past)
                 output[start:end] = out.to(output.dtype)
+        fast = triton_enabled(query.device)
         for i, start, end, seq_len in steps:
-            write_request(arena, index, metadata.block_table[i], key[start:end], value[start:end],
-                          seq_len - (end - start), prefill=end - start > 1, window=self.window)
-        for i, start, end, seq_len in steps:  # decode: the cache that now holds the new token
-            if end - start == 1:
-                k, v = visible(arena, index, metadata.block_table[i], seq_len, self.window)
-                out = causal_gqa_attention(query[start:end], k, v, self.scale, seq_len - 1)
-                output[start:end] = out.to(output.dtype)
+            if end - start > 1 or not fast:
+                write_request(arena, index, metadata.block_table[i], key[start:end], value[start:end],
+                              seq_len - (end - start), prefill=end - start > 1, window=self.window)
+        decode = [(i, start, seq_len) for i, start, end, seq_len in steps if end - start == 1]
+        if decode and fast:  # decode: the cache that now holds the new token
+            if self.tables is None:
+                self.tables = HeadTables.build(arena, index)
+            rows = torch.tensor([i for i, _, _ in decode], device=query.device)
+            starts = torch.tensor([s for _, s, _ in decode], device=query.device)
+            out = decode_step(arena, self.tables, index, query[starts], key[starts], value[starts],
+                              metadata.block_table[rows], [n for _, _, n in decode],
+                              scale=self.scale, window=self.window)
+            output[starts] = out.to(output.dtype)
+        for i, start, seq_len in decode if not fast else ():
+            k, v = visible(arena, index, metadata.block_table[i], seq_len, self.window)
+            out = causal_gqa_attention(query[start : start + 1], k, v, self.scale, seq_len - 1)
+            output[start : start + 1] = out.to(output.dtype)
 
 
 class FourierBackend(KvfoldBackend):

@@ -1,0 +1,269 @@
+"""A decode step of all decoding requests of a layer at once, through :mod:`kernels` (CUDA, or the
+Triton interpreter): the batched form of ``paged.write_request`` + attention over the new cache.
+
+Per request the new token's kept dims go to its slot and its compressed dims to the ring, after
+the token leaving the recent window was read from the same ring row; that token updates the
+running statistics and either the exact pre-compression middle or, inside the kernels, the
+coefficients. A request whose middle is compressed for the first time in this step, or whose
+first token this is, takes the per-request path (``paged.write_request``) for its write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvfold.attention_backends.fourier import kernels, spectral
+from kvfold.attention_backends.fourier.arena import CacheArena
+from kvfold.attention_backends.fourier.layout import KINDS, STAT_ROWS, Item
+from kvfold.attention_backends.fourier.paged import MAX, MIN, OFFSET, SCALE, SUM, write_request
+
+UPDATE, COMPRESSED = 1, 2  # request flags of the kernels
+
+
+@dataclass
+class HeadTables:
+    """One layer's per-KV-head addressing, as tensors on the cache's device."""
+
+    table: torch.Tensor  # [H, kernels.TABLE_COLUMNS] int64
+    kept: dict[str, torch.Tensor]  # [H, W] dims kept per token (padded with the head size)
+    compressed: dict[str, torch.Tensor]  # [H, Dc] compressed dims (padded with the head size)
+    kept_flat: dict[str, torch.Tensor]  # [sum W] element offsets of every kept dim from a slot
+    kept_cols: dict[str, torch.Tensor]  # [sum W] the same dims as columns of [H * D]
+    width: dict[str, int]  # widest kept segment / compressed set of the layer, per kind ("kk", "ck", ...)
+
+    @classmethod
+    def build(cls, arena: CacheArena, layer: int) -> HeadTables:
+        layout = arena.layout
+        dev = arena.base.device
+        heads = layout.num_kv_heads
+        rows = []
+        for h in range(heads):
+            row = []
+            for kind in KINDS:
+                seg = layout.segments[layer][kind][h]
+                row += [int(arena.base[seg.view]) + seg.offset, seg.width]
+            for items in (layout.ring, layout.coef):
+                for kind in KINDS:
+                    item: Item | None = items[layer][kind][h]
+                    # A head without compressed dims has no item: every row maps to page 0,
+                    # read masked (width 0), so no address leaves the arena.
+                    row += [0, 1 << 40, 0, 0] if item is None else [
+                        item.first_page, item.rows_per_page, item.row_bytes, item.width]
+            rows.append(row)
+        sizes = {"k": layout.head_size, "v": layout.head_size_v}
+        kept, compressed, kept_flat, kept_cols, width = {}, {}, {}, {}, {}
+        for kind in KINDS:
+            for name, table, store in (("k", layout.kept, kept), ("c", layout.compressed, compressed)):
+                dims = table[layer][kind]
+                wide = max(d.numel() for d in dims)
+                width[name + kind] = wide
+                store[kind] = torch.stack([torch.nn.functional.pad(d, (0, wide - d.numel()), value=sizes[kind])
+                                           for d in dims]).to(dev)
+            flat, cols = [], []
+            for h, dims in enumerate(layout.kept[layer][kind]):
+                seg = layout.segments[layer][kind][h]
+                start = (int(arena.base[seg.view]) + seg.offset) // layout.elem
+                flat.append(start + torch.arange(seg.width))
+                cols.append(h * sizes[kind] + dims)
+            kept_flat[kind], kept_cols[kind] = torch.cat(flat).to(dev), torch.cat(cols).to(dev)
+        return cls(torch.tensor(rows, dtype=torch.int64, device=dev), kept, compressed, kept_flat,
+                   kept_cols, width)
+
+    def item(self, kind: str, coef: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = (kernels.COEF_K if kind == "k" else kernels.COEF_V) if coef else \
+            (kernels.RING_K if kind == "k" else kernels.RING_V)
+        return tuple(self.table[:, start + i] for i in range(4))  # first, per page, row bytes, width
+
+
+def row_addresses(arena: CacheArena, tables: HeadTables, kind: str, coef: bool, rows: torch.Tensor,
+                  which: torch.Tensor) -> torch.Tensor:
+    """Byte addresses ``[R, H, m]`` of state rows ``which`` (``[R, H, m]`` or broadcastable) of every head."""
+    first, per_page, row_bytes, _ = (t[None, :, None] for t in tables.item(kind, coef))
+    page = first + which // per_page
+    # Rows past an item (of requests a caller masks out) would name pages past the arena.
+    view = (page // arena.layout.reserved_blocks).clamp(max=arena.layout.num_layers - 1)
+    column = page % arena.layout.reserved_blocks
+    blocks = rows.gather(1, column.flatten(1)).view(column.shape).long()
+    return arena.base[view] + blocks * arena.block_stride + (which % per_page) * row_bytes
+
+
+def gather_dims(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[R, H, (G,) D]`` at per-head dims ``index`` ``[H, W]`` (pads read zero)."""
+    padded = torch.nn.functional.pad(x, (0, 1))
+    if x.dim() == 4:
+        return padded.gather(-1, index[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
+    return padded.gather(-1, index[None].expand(x.shape[0], -1, -1))
+
+
+def decode_step(
+    arena: CacheArena,
+    tables: HeadTables,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: list[int],
+    *,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """Outputs ``[R, Hq, Dv]`` (float32) of one new token per request; ``seq_lens`` include it."""
+    layout = arena.layout
+    sink, recent, freqs = layout.sink, layout.recent, layout.freqs
+    dev = query.device
+    num_reqs, num_heads, _ = query.shape
+    heads = layout.num_kv_heads
+    group = num_heads // heads
+    was = [layout.is_compressed(n - 1) for n in seq_lens]
+    now = [layout.is_compressed(n) for n in seq_lens]
+    alone = [n == 1 or (c and not w) for n, w, c in zip(seq_lens, was, now)]
+    for i in (i for i, a in enumerate(alone) if a):
+        write_request(arena, layer, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
+                      prefill=False, window=window)
+    batched = torch.tensor([not a for a in alone], device=dev)
+    n = torch.tensor(seq_lens, device=dev)
+    flags = torch.tensor([UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)],
+                         dtype=torch.int32, device=dev)
+    enter = write_batched(arena, tables, layer, key, value, rows, n, batched,
+                          torch.tensor(was, device=dev))
+
+    stats = {kind: read_stats(arena, tables, kind, rows, (SCALE, OFFSET)) for kind in KINDS}
+    q = query.float().view(num_reqs, heads, group, -1)
+    q_c = gather_dims(q, tables.compressed["k"])  # [R, H, G, Dc]
+    q_k = gather_dims(q, tables.kept["k"])
+    seq = n.to(torch.int32)
+    cache32 = arena.typed(torch.float32)
+    common = dict(reserved=layout.reserved_blocks, block_stride=arena.block_stride, sink=sink,
+                  recent=recent, window=window)
+    weights = (q_c * stats["k"][:, :, None, 0]).reshape(num_reqs, num_heads, -1)
+    z = kernels.coef_pass(cache32, rows, arena.base, tables.table, seq, flags, enter["k"],
+                          pad_to(weights, kernels.pow2(weights.shape[-1])), item=kernels.COEF_K,
+                          group=group, rows=2 * freqs, width=tables.width["ck"], project=True, **common)
+    const = (q_c * stats["k"][:, :, None, 1]).sum(-1).reshape(num_reqs, num_heads)
+    longest = max(seq_lens)
+    middle = layout.middle_length(longest)
+    log2 = kernels.scaled_log2(scale)
+    spec = torch.zeros(num_reqs, num_heads, longest, device=dev)
+    if middle:
+        spec[..., sink : sink + middle] = spectral.synthesize(z, middle, window) + const[..., None]
+    p, tile_max, acc_k, acc_c, m, l = kernels.decode_pass(  # noqa: E741
+        arena.typed(layout.dtype), rows, arena.base, tables.table, seq, flags,
+        pad_to(q_k.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["kk"])),
+        pad_to(q_c.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["ck"])),
+        spec * log2, group=group, longest=longest, reserved=layout.reserved_blocks,
+        block_size=layout.block_size, block_stride=arena.block_stride, slot_stride=arena.slot_stride,
+        sink=sink, recent=recent, per=layout.middle_per_row,
+        widths=(tables.width["kk"], tables.width["ck"], tables.width["kv"], tables.width["cv"]))
+
+    top = m.amax(-1)
+    alpha = torch.exp2(m - top[..., None])
+    total = (l * alpha).sum(-1)
+    kept_out = (acc_k * alpha[..., None]).sum(2) / total[..., None]
+    exact_out = (acc_c * alpha[..., None]).sum(2) / total[..., None]
+    # Each exported probability is relative to its tile's running max.
+    factor = torch.exp2(tile_max - top[..., None]).repeat_interleave(kernels.BLOCK_N, -1)[..., :longest]
+    probs = (p * factor / total[..., None])[..., sink : sink + middle]
+    spectral_out = torch.zeros(num_reqs, num_heads, tables.width["cv"], device=dev)
+    if middle:
+        w = spectral.analyze(probs, window, freqs)
+        coeffed = kernels.coef_pass(cache32, rows, arena.base, tables.table, seq, flags, enter["v"], w,
+                                    item=kernels.COEF_V, group=group, rows=2 * freqs,
+                                    width=tables.width["cv"], project=False, **common)
+        shape = (num_reqs, heads, group, -1)
+        spectral_out = (coeffed.view(shape) / freqs * stats["v"][:, :, None, 0]
+                        + probs.sum(-1).view(shape) * stats["v"][:, :, None, 1]).reshape(num_reqs, num_heads, -1)
+    compressed_out = exact_out[..., : tables.width["cv"]] + spectral_out
+    out = torch.zeros(num_reqs, heads, group, layout.head_size_v + 1, device=dev)
+    for kind_out, index, width in ((kept_out, tables.kept["v"], tables.width["kv"]),
+                                   (compressed_out, tables.compressed["v"], tables.width["cv"])):
+        out.scatter_(-1, index[None, :, None, :].expand(num_reqs, -1, group, -1),
+                     kind_out[..., :width].reshape(num_reqs, heads, group, width))
+    return out[..., :-1].reshape(num_reqs, num_heads, -1)
+
+
+def pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+
+
+def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Tensor,
+               which: tuple[int, ...]) -> torch.Tensor:
+    """``[R, H, len(which), Dc]`` statistics rows of every head (zeros beyond a head's dims)."""
+    base = 2 * arena.layout.freqs
+    idx = torch.tensor([base + w for w in which], device=rows.device)[None, None, :]
+    addr = row_addresses(arena, tables, kind, True, rows, idx.expand(rows.shape[0], tables.table.shape[0], -1))
+    return _gather(arena.typed(torch.float32), addr // 4, tables, kind)
+
+
+def _gather(flat: torch.Tensor, start: torch.Tensor, tables: HeadTables, kind: str) -> torch.Tensor:
+    width = tables.width["c" + kind]
+    valid = torch.arange(width, device=start.device)[None, :] < tables.item(kind, True)[3][:, None]
+    index = start[..., None] + torch.arange(width, device=start.device)
+    mask = valid[None, :, None, :].expand_as(index)
+    out = torch.zeros(index.shape, dtype=torch.float32, device=start.device)
+    out[mask] = flat[index[mask]].float()
+    return out
+
+
+def _scatter(flat: torch.Tensor, start: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+    index = start[..., None] + torch.arange(values.shape[-1], device=start.device)
+    flat[index[mask]] = values[mask].to(flat.dtype)
+
+
+def write_batched(
+    arena: CacheArena,
+    tables: HeadTables,
+    layer: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor,
+    n: torch.Tensor,
+    batched: torch.Tensor,
+    was: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Store the new tokens of ``batched`` requests; returns each kind's entering token ``[R, H, Dc]``
+    (float32, zero where none), which the kernels add to the coefficients of compressed requests."""
+    layout = arena.layout
+    sink, recent, freqs = layout.sink, layout.recent, layout.freqs
+    num_reqs, heads = key.shape[0], layout.num_kv_heads
+    position = n - 1
+    slots = arena.slot_bytes(rows, position)
+    flat = arena.typed(layout.dtype)
+    flat32 = arena.typed(torch.float32)
+    ring_row = layout.ring_index(position)
+    entering = position - recent
+    takes = batched & (entering >= sink)
+    enter = {}
+    for kind, x in zip(KINDS, (key, value)):
+        chosen = batched.nonzero().flatten()
+        cells = (slots[chosen] // layout.elem)[:, None] + tables.kept_flat[kind][None, :]
+        flat[cells] = x.reshape(num_reqs, -1)[chosen][:, tables.kept_cols[kind]].to(flat.dtype)
+        width = tables.width["c" + kind]
+        valid = torch.arange(width, device=n.device)[None, :] < tables.item(kind, False)[3][:, None]
+        ring = row_addresses(arena, tables, kind, False, rows, ring_row[:, None, None].expand(-1, heads, 1))[..., 0]
+        entered = _gather(flat, (ring // layout.elem)[:, :, None], tables, kind)[:, :, 0]
+        entered = torch.where(takes[:, None, None], entered, 0.0)  # other rows may hold garbage
+        enter[kind] = entered
+        new = gather_dims(x.float(), tables.compressed[kind])
+        _scatter(flat, ring // layout.elem, new, valid[None] & batched[:, None, None])
+        if not bool(takes.any()):
+            continue
+        stat_rows = 2 * freqs + torch.tensor([SUM, MIN, MAX], device=n.device)
+        addr = row_addresses(arena, tables, kind, True, rows, stat_rows[None, None, :].expand(num_reqs, heads, -1))
+        stats = _gather(flat32, addr // 4, tables, kind)  # [R, H, 3, Dc]
+        stats[:, :, 0] += entered
+        stats[:, :, 1] = torch.minimum(stats[:, :, 1], entered)
+        stats[:, :, 2] = torch.maximum(stats[:, :, 2], entered)
+        _scatter(flat32, addr // 4, stats, (valid[None, :, None, :] & takes[:, None, None, None]).expand_as(stats))
+        # Before the first compression the middle stays exact, in the coefficient rows.
+        middle = (entering - sink).clamp(min=0)
+        per = layout.middle_per_row
+        addr = row_addresses(arena, tables, kind, True, rows, (middle // per)[:, None, None].expand(-1, heads, 1))[..., 0]
+        addr = addr + (middle % per)[:, None] * tables.item(kind, True)[3][None, :] * layout.elem
+        _scatter(flat, addr // layout.elem, entered, valid[None] & (takes & ~was)[:, None, None])
+    return enter
+
+
+assert len(STAT_ROWS) == 5 and (SUM, MIN, MAX, SCALE, OFFSET) == (0, 1, 2, 3, 4)

@@ -1,0 +1,287 @@
+"""FlashFourierAttention: Triton kernels of a decode step, reading vLLM's paged cache in place.
+
+The authors' kernel rebuilds every compressed dim of every middle token for every query head
+(``O(L 2k |Dc|)`` per head and step). Everything a decode step needs from the coefficients is
+linear in them, so kvfold projects the query instead (``reference.middle_scores``):
+
+* :func:`_coef_pass` (keys): per (request, KV head, tile of the ``2k`` rows) it reads the request's
+  coefficient rows from its reserved pages, adds the rank-1 update of the token that just left the
+  recent window, writes them back, and projects the group's queries onto them:
+  ``z = C (q_c * scale)``, ``[G, 2k]``;
+* the middle's compressed-dim scores ``(1/k) z F`` for every position are one length-``T`` inverse
+  real FFT per query head (``spectral.synthesize``, torch);
+* :func:`_decode_pass` (FlashFourierAttention proper): per (request, KV head, split of its
+  positions) one online softmax over **all** positions. Every position's kept dims come from its
+  paged slot; a sink/recent position's compressed dims from the exact ring, an uncompressed
+  middle's from the coefficient rows that hold it, a compressed middle position's score from the
+  FFT above. It accumulates the values of the kept dims and of the exact tokens' compressed dims,
+  and exports the compressed middle's probabilities (with each tile's running max);
+* the probabilities' basis weights ``w = p F^T`` are one real FFT per query head (torch);
+* :func:`_coef_pass` (values) reads the value coefficients once more, applies their rank-1 update,
+  writes them back and returns ``(w C) / k``, which the re-normalisation turns into the middle's
+  compressed value dims.
+
+So per step and KV head the coefficients are read and written once each, the kept dims read once,
+and the FFTs cost ``O(T log T)`` per query head instead of ``O(2k L)``. Heads of a layer compress
+different dims: the kernels take per-head tables (segment offsets, widths, state pages).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Table columns per KV head (int64), see decode.HeadTables.
+SEG_K, WIDTH_K, SEG_V, WIDTH_V = 0, 1, 2, 3
+RING_K, RING_V, COEF_K, COEF_V = 4, 8, 12, 16  # each: first page, rows per page, row bytes, width
+TABLE_COLUMNS = 20
+LOG2E = 1.4426950408889634
+
+
+def triton_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(x: int, least: int = 16) -> int:
+    return max(least, 1 << max(int(x) - 1, 0).bit_length())
+
+
+@triton.jit
+def _row_address(Table, BlockTable, Base, h, req_row, rows, item: tl.constexpr,
+                 reserved, block_stride, mask):
+    """Byte address of ``rows`` of a state item of KV head ``h`` (rows never straddle pages)."""
+    first = tl.load(Table + h * 20 + item)
+    per_page = tl.load(Table + h * 20 + item + 1)
+    row_bytes = tl.load(Table + h * 20 + item + 2)
+    page = first + rows // per_page
+    block = tl.load(BlockTable + req_row + page % reserved, mask=mask, other=0).to(tl.int64)
+    base = tl.load(Base + page // reserved, mask=mask, other=0)
+    return base + block * block_stride + (rows % per_page) * row_bytes
+
+
+@triton.jit
+def _coef_pass(
+    Cache32, BlockTable, Base, Table, SeqLens, Flags, Enter, Weights, Out,  # noqa: N803
+    stride_b, stride_er, stride_eh, stride_wr, stride_wh, stride_or, stride_oh,
+    reserved, block_stride, sink, recent, window,
+    ITEM: tl.constexpr, WIDTH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,  # noqa: N803
+    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PROJECT: tl.constexpr,  # noqa: N803
+):
+    """Coefficients ``C [2k, dc]`` of (request, KV head): add ``f(t) x^T`` of the entering token
+    when ``Flags & 1`` (compressed before this step), store, then either (PROJECT) ``Out[g, rows] =
+    C[rows] . Weights[g]`` for this program's row tile, or accumulate ``Out[g] = sum_r Weights[g, r]
+    C[r]`` over all rows. Requests without ``Flags & 2`` (compressed now) are skipped."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    flags = tl.load(Flags + r)
+    active = (flags >> 1) & 1  # int scalars: a bool scalar cannot mask a vector in the interpreter
+    update = (flags & 1) != 0
+    width = tl.load(Table + h * 20 + WIDTH)
+    n = tl.load(SeqLens + r).to(tl.int64)
+    t = n - 1 - recent - sink  # middle index of the token that left the recent window
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < width
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    heads = h * G + offs_g
+    enter = tl.load(Enter + r * stride_er + h * stride_eh + offs_d, mask=mask_d, other=0.0)
+    req_row = r * stride_b
+    if PROJECT:
+        tiles = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        start, stop = tl.program_id(2) * BLOCK_R, tl.program_id(2) * BLOCK_R + BLOCK_R
+        q = tl.load(Weights + r * stride_wr + heads[:, None] * stride_wh + offs_d[None, :],
+                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    else:
+        start, stop = 0, ROWS
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for r0 in range(start, stop, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask_r = (rows < ROWS) & (rows * 0 + active != 0)
+        addr = _row_address(Table, BlockTable, Base, h, req_row, rows.to(tl.int64), ITEM, reserved,
+                            block_stride, mask_r)
+        ptrs = Cache32 + (addr // 4)[:, None] + offs_d[None, :]
+        mask = mask_r[:, None] & mask_d[None, :]
+        coef = tl.load(ptrs, mask=mask, other=0.0)
+        if update:
+            freq = (rows // 2).to(tl.int64)
+            angle = ((freq * t) % window).to(tl.float32) * (6.283185307179586 / window)
+            basis = tl.where(rows % 2 == 0, tl.cos(angle), tl.sin(angle))
+            coef = coef + basis[:, None] * enter[None, :]
+            tl.store(ptrs, coef, mask=mask)
+        if PROJECT:
+            z = tl.dot(q, tl.trans(coef), input_precision="ieee")  # [BLOCK_G, BLOCK_R]
+            tl.store(Out + r * stride_or + heads[:, None] * stride_oh + rows[None, :], z,
+                     mask=mask_g[:, None] & (rows < ROWS)[None, :])
+        else:
+            w = tl.load(Weights + r * stride_wr + heads[:, None] * stride_wh + rows[None, :],
+                        mask=mask_g[:, None] & (rows < ROWS)[None, :], other=0.0)
+            acc += tl.dot(w, coef, input_precision="ieee")
+    if not PROJECT:
+        tl.store(Out + r * stride_or + heads[:, None] * stride_oh + offs_d[None, :], acc,
+                 mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink, recent,
+                per, reserved, block_stride, RING: tl.constexpr, COEF: tl.constexpr,  # noqa: N803
+                ELEM: tl.constexpr, BLOCK_D: tl.constexpr):  # noqa: N803
+    """``[BLOCK_N, BLOCK_D]`` compressed dims of exact positions: ring rows for sink/recent ones,
+    the coefficient rows that hold the middle before its first compression for the others."""
+    width = tl.load(Table + h * 20 + RING + 3)
+    offs_d = tl.arange(0, BLOCK_D)
+    ring_row = tl.where(offs < sink, offs, sink + (offs - sink) % recent)
+    ring = _row_address(Table, BlockTable, Base, h, req_row, ring_row, RING, reserved, block_stride, is_ring)
+    t = tl.maximum(offs - sink, 0)
+    pre = _row_address(Table, BlockTable, Base, h, req_row, t // per, COEF, reserved, block_stride, is_pre)
+    pre += (t % per) * width * ELEM
+    addr = tl.where(is_ring, ring, pre)
+    mask = (is_ring | is_pre)[:, None] & (offs_d < width)[None, :]
+    return tl.load(CacheM + (addr // ELEM)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decode_pass(
+    CacheM, BlockTable, Base, Table, SeqLens, Flags, QK, QC, Spec,  # noqa: N803
+    P, TileMax, AccK, AccC, MPart, LPart,  # noqa: N803
+    chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
+    stride_b, stride_qr, stride_qh, stride_cr, stride_ch, stride_sr, stride_sh,
+    stride_pr, stride_ph, stride_tr, stride_th,
+    stride_ar, stride_ah, stride_as, stride_xr, stride_xh, stride_xs, stride_mr, stride_mh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ELEM: tl.constexpr,  # noqa: N803
+    BLOCK_WK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_WV: tl.constexpr,  # noqa: N803
+    BLOCK_DV: tl.constexpr,  # noqa: N803
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    n = tl.load(SeqLens + r).to(tl.int64)
+    compressed = (tl.load(Flags + r) >> 1) & 1
+    middle_end = sink + tl.maximum(n - sink - recent, 0)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < G
+    heads = h * G + offs_g
+    seg_k, width_k = tl.load(Table + h * 20 + 0), tl.load(Table + h * 20 + 1)
+    seg_v, width_v = tl.load(Table + h * 20 + 2), tl.load(Table + h * 20 + 3)
+    offs_wk, offs_dk = tl.arange(0, BLOCK_WK), tl.arange(0, BLOCK_DK)
+    offs_wv, offs_dv = tl.arange(0, BLOCK_WV), tl.arange(0, BLOCK_DV)
+    # Queries carry the softmax scale * log2(e); so does Spec.
+    qk = tl.load(QK + r * stride_qr + heads[:, None] * stride_qh + offs_wk[None, :],
+                 mask=mask_g[:, None] & (offs_wk < width_k)[None, :], other=0.0)
+    qc = tl.load(QC + r * stride_cr + heads[:, None] * stride_ch + offs_dk[None, :],
+                 mask=mask_g[:, None] & (offs_dk < BLOCK_DK)[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc_k = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+    acc_c = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    req_row = r * stride_b
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        valid = offs < end
+        block = tl.load(BlockTable + req_row + reserved + offs // block_size, mask=valid, other=0).to(tl.int64)
+        slot = block * block_stride + (offs % block_size) * slot_stride  # bytes, within a view
+        in_middle = valid & (offs >= sink) & (offs < middle_end)
+        is_mid = in_middle & (offs * 0 + compressed != 0)
+        is_pre = in_middle & (offs * 0 + compressed == 0)
+        is_ring = valid & ((offs < sink) | (offs >= tl.maximum(sink, n - recent)))
+
+        kept = tl.load(CacheM + ((slot + seg_k) // ELEM)[:, None] + offs_wk[None, :],
+                       mask=valid[:, None] & (offs_wk < width_k)[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(qk, tl.trans(kept), input_precision="ieee")
+        exact = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
+                            recent, per, reserved, block_stride, 4, 12, ELEM, BLOCK_DK)
+        s += tl.dot(qc, tl.trans(exact), input_precision="ieee")
+        spec = tl.load(Spec + r * stride_sr + heads[:, None] * stride_sh + offs[None, :],
+                       mask=mask_g[:, None] & is_mid[None, :], other=0.0)
+        s = tl.where(valid[None, :], s + spec, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        values = tl.load(CacheM + ((slot + seg_v) // ELEM)[:, None] + offs_wv[None, :],
+                         mask=valid[:, None] & (offs_wv < width_v)[None, :], other=0.0).to(tl.float32)
+        acc_k = acc_k * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        exact_v = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
+                              recent, per, reserved, block_stride, 8, 16, ELEM, BLOCK_DV)
+        acc_c = acc_c * alpha[:, None] + tl.dot(p, exact_v, input_precision="ieee")
+        # The compressed middle's probabilities leave for the FFT, relative to this tile's max.
+        tl.store(P + r * stride_pr + heads[:, None] * stride_ph + offs[None, :], p,
+                 mask=mask_g[:, None] & is_mid[None, :])
+        tl.store(TileMax + r * stride_tr + heads * stride_th + s0 // BLOCK_N, m_new, mask=mask_g)
+        m_i = m_new
+
+    part = r * stride_ar + heads[:, None] * stride_ah + split * stride_as
+    tl.store(AccK + part + offs_wv[None, :], acc_k, mask=mask_g[:, None] & (offs_wv < BLOCK_WV)[None, :])
+    part = r * stride_xr + heads[:, None] * stride_xh + split * stride_xs
+    tl.store(AccC + part + offs_dv[None, :], acc_c, mask=mask_g[:, None] & (offs_dv < BLOCK_DV)[None, :])
+    ml = r * stride_mr + heads * stride_mh + split
+    tl.store(MPart + ml, m_i, mask=mask_g)
+    tl.store(LPart + ml, l_i, mask=mask_g)
+
+
+def coef_pass(cache32, block_table, base, table, seq_lens, flags, enter, weights, *, item: int,
+              group: int, rows: int, width: int, project: bool, reserved: int, block_stride: int,
+              sink: int, recent: int, window: int) -> torch.Tensor:
+    """Run :func:`_coef_pass` for every (request, KV head); returns ``[R, Hq, 2k]`` (project) or
+    ``[R, Hq, width]`` float32."""
+    num_reqs, num_heads = enter.shape[0], enter.shape[1] * group
+    out = torch.zeros(num_reqs, num_heads, rows if project else width, device=enter.device)
+    block_r, block_d = 64 if project else 32, pow2(width)
+    grid = (num_reqs, enter.shape[1], triton.cdiv(rows, block_r) if project else 1)
+    _coef_pass[grid](
+        cache32, block_table, base, table, seq_lens, flags, enter, weights, out,
+        block_table.stride(0), enter.stride(0), enter.stride(1), weights.stride(0), weights.stride(1),
+        out.stride(0), out.stride(1), reserved, block_stride, sink, recent, window,
+        ITEM=item, WIDTH=item + 3, G=group, BLOCK_G=pow2(group), ROWS=rows, BLOCK_R=block_r,
+        BLOCK_D=block_d, PROJECT=project, num_warps=4,
+    )
+    return out
+
+
+BLOCK_N = 32
+TARGET_PROGRAMS = 264  # about twice an H100's SMs
+
+
+def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, *, group: int,
+                longest: int, reserved: int, block_size: int, block_stride: int, slot_stride: int,
+                sink: int, recent: int, per: int, widths: tuple[int, int, int, int]):
+    """Run :func:`_decode_pass`; returns ``(p, tile_max, acc_k, acc_c, m, l)`` per split."""
+    num_reqs, num_heads = qk.shape[0], qk.shape[1]
+    num_kv = num_heads // group
+    dev = qk.device
+    tiles = triton.cdiv(longest, BLOCK_N)
+    splits = max(1, min(tiles, TARGET_PROGRAMS // max(1, num_reqs * num_kv)))
+    chunk = triton.cdiv(tiles, splits) * BLOCK_N
+    splits = triton.cdiv(longest, chunk)
+    wk, dk, wv, dv = (pow2(w) for w in widths)
+    p = torch.zeros(num_reqs, num_heads, spec.shape[-1], device=dev)
+    tile_max = torch.full((num_reqs, num_heads, tiles), float("-inf"), device=dev)
+    acc_k = torch.zeros(num_reqs, num_heads, splits, wv, device=dev)
+    acc_c = torch.zeros(num_reqs, num_heads, splits, dv, device=dev)
+    m = torch.full((num_reqs, num_heads, splits), float("-inf"), device=dev)
+    l = torch.zeros(num_reqs, num_heads, splits, device=dev)  # noqa: E741
+    _decode_pass[(num_reqs, num_kv, splits)](
+        cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
+        chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
+        block_table.stride(0), qk.stride(0), qk.stride(1), qc.stride(0), qc.stride(1),
+        spec.stride(0), spec.stride(1), p.stride(0), p.stride(1), tile_max.stride(0), tile_max.stride(1),
+        acc_k.stride(0), acc_k.stride(1), acc_k.stride(2), acc_c.stride(0), acc_c.stride(1), acc_c.stride(2),
+        m.stride(0), m.stride(1),
+        G=group, BLOCK_G=pow2(group), BLOCK_N=BLOCK_N, ELEM=cache.element_size(),
+        BLOCK_WK=wk, BLOCK_DK=dk, BLOCK_WV=wv, BLOCK_DV=dv, num_warps=4,
+    )
+    return p, tile_max, acc_k, acc_c, m, l
+
+
+def scaled_log2(scale: float) -> float:
+    """Scores enter the kernel multiplied by this, so the kernel can use exp2."""
+    return scale * LOG2E
+
+
+assert math.isclose(LOG2E, 1 / math.log(2))
