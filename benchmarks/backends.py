@@ -55,15 +55,20 @@ def treekv_config(budget: int, positions: str = "original") -> dict[str, Any]:
 
 def server_args(
     name: str, config: dict[str, Any], treekv_positions: str = "original",
-    vqkv_codebooks: str | None = None,
+    vqkv_codebooks: str | None = None, fourier_dims: str | None = None,
 ) -> list[str]:
     """``vllm serve`` arguments selecting backend ``name`` (model-specific where needed).
 
     Known names: FLASH_ATTN, FLASH_ATTN_FP8, TRITON_ATTN, KVFOLD_DENSE, KVFOLD_TREEKV_<budget>,
     SLIDING_WINDOW_<window> (FlashAttention with vLLM's own window), KVFOLD_VQKV (codebooks from
-    ``vqkv_codebooks``). Any other name is passed as
+    ``vqkv_codebooks``), KVFOLD_FOURIER (dims from ``fourier_dims``). Any other name is passed as
     ``--attention-backend NAME`` (e.g. CPU_ATTN for a CPU smoke run).
     """
+    if name == "KVFOLD_FOURIER":
+        if not fourier_dims:
+            raise ValueError("KVFOLD_FOURIER needs a dims directory")
+        return ["--attention-backend", name,
+                "--additional-config", json.dumps({"kvfold": {"dims": str(fourier_dims)}})]
     if name == "FLASH_ATTN_FP8":
         return ["--attention-backend", "FLASH_ATTN", "--kv-cache-dtype", "fp8"]
     if name.startswith("KVFOLD_TREEKV_"):

@@ -11,6 +11,10 @@ One decode step of one attention layer at a model's shape (default Llama-3.1-8B:
   below 16 sequences, as vLLM configures it);
 - ``treekv``: kvfold's TreeKV decode kernel over per-(request, head) entry lists; its context axis
   is the budget (the kernel reads only the kept entries), at the same batch sizes;
+- ``fourier``: KVFOLD_FOURIER's whole decode step of one layer (``fourier.decode.decode_step``: the
+  new token's write, the coefficient passes with their rank-1 updates, the FFTs, the
+  FlashFourierAttention kernel and the merge), the paper's settings and middle-layer shares (80% of
+  K and V dims compressed, k = 512, 4 sink + 1020 recent), eager (it syncs with the host);
 - ``fa3_fp8``: ``fa3`` with an fp8 (e4m3) cache and query, as FLASH_ATTN with ``--kv-cache-dtype fp8``.
 
 First the HBM bandwidth is measured (a large device-to-device copy, bytes read + written / time;
@@ -50,7 +54,8 @@ from benchmarks import env_info
 from benchmarks.model_dirs import load_config, model_names
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = ["fa3", "treekv", "vqkv", "triton", "fa3_fp8"]
+KERNELS = ["fa3", "treekv", "vqkv", "fourier", "triton", "fa3_fp8"]
+FOURIER = {"sink": 4, "recent": 1020, "freqs": 512, "fractions": (0.8, 0.8)}  # the paper's middle layers
 VQKV_STAGES = (8, 16)  # kvfold calibrate vqkv defaults: 2 x 8 key + 16 value codes per token and head
 ROTATE_TARGET_BYTES = 512 * 2**20
 MAX_LAYERS = 32
@@ -391,6 +396,57 @@ def build_vqkv(shape: Shape, batch: int, context: int, device: torch.device,
                                    "bf16_kv_bytes": shape.kv_bytes(batch * context)}
 
 
+def fourier_layout(shape: Shape, gen_seed: int = 0):
+    """A one-layer FourierAttention layout of ``shape`` with dims at random in ``FOURIER``'s shares."""
+    from kvfold.attention_backends.fourier.layout import FourierLayout
+    from kvfold.attention_backends.fourier.selection import select
+
+    g = torch.Generator().manual_seed(gen_seed)
+    noise = torch.rand(2, shape.num_kv_heads, shape.head_dim, generator=g)
+    kf, vf = FOURIER["fractions"]
+    return FourierLayout([select(noise[0], kf)], [select(noise[1], vf)], head_size=shape.head_dim,
+                         head_size_v=shape.head_dim, dtype=torch.bfloat16, block_size=shape.block_size,
+                         sink=FOURIER["sink"], recent=FOURIER["recent"], freqs=FOURIER["freqs"])
+
+
+def build_fourier(shape: Shape, batch: int, context: int, device: torch.device,
+                  gen: torch.Generator | None = None) -> tuple[Callable[[], object], int, int, dict]:
+    """KVFOLD_FOURIER's decode step of one layer for ``batch`` requests of ``context`` tokens."""
+    from kvfold.attention_backends.fourier.arena import CacheArena
+    from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
+
+    layout = fourier_layout(shape)
+    per_request = layout.reserved_blocks + -(-context // shape.block_size)
+    blocks = batch * per_request + 1
+    raw = torch.empty(blocks * layout.page_bytes, dtype=torch.uint8, device=device)
+    raw.view(torch.bfloat16).normal_(generator=gen)  # finite bf16 and float32 (high halves) alike
+    view = raw.view(blocks, 1, shape.block_size, layout.cell_bytes)
+    arena = CacheArena([view], layout)
+    tables = HeadTables.build(arena, 0)
+    rows = (1 + torch.randperm(blocks - 1, device=device, generator=gen)).view(batch, per_request).to(torch.int32)
+    query = torch.empty(batch, shape.num_heads, shape.head_dim, dtype=torch.bfloat16, device=device).normal_(generator=gen)
+    key = torch.empty(batch, shape.num_kv_heads, shape.head_dim, dtype=torch.bfloat16, device=device).normal_(generator=gen)
+    value = torch.empty_like(key).normal_(generator=gen)
+    window = context - layout.sink - layout.recent
+    lens = [context] * batch
+
+    def call() -> object:
+        return decode_step(arena, tables, 0, query, key, value, rows, lens, scale=shape.head_dim**-0.5,
+                           window=window)
+
+    kept = sum(d.numel() for kind in "kv" for d in layout.kept[0][kind])
+    compressed = sum(d.numel() for kind in "kv" for d in layout.compressed[0][kind])
+    # What a step must read: every token's kept dims, the exact ring's compressed dims, the K and V
+    # coefficients (written back too), the queries.
+    required = batch * (context * kept * 2 + layout.ring_entries * compressed * 2
+                        + 2 * layout.freqs * compressed * 4) + query.numel() * 2
+    extra = batch * shape.num_heads * window * 4 * 4  # FFT inputs/outputs and the exported probabilities
+    return call, required, extra, {"bf16_kv_bytes": shape.kv_bytes(batch * context),
+                                   "fourier_bytes_per_request": layout.bytes_per_request(context),
+                                   "compressed_share": compressed / (2 * shape.num_kv_heads * shape.head_dim),
+                                   **{k: list(v) if isinstance(v, tuple) else v for k, v in FOURIER.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # Correctness check (small): every kernel against a float32 reference on one shared cache
 
@@ -544,6 +600,8 @@ def build_layers(kernel: str, batch: int, context: int, layers: int, shape: Shap
                                                         args.treekv_pool_factor, gen=gen)
         elif kernel == "vqkv":
             call, required, extra, notes = build_vqkv(shape, batch, context, device, gen=gen)
+        elif kernel == "fourier":
+            call, required, extra, notes = build_fourier(shape, batch, context, device, gen=gen)
         else:
             raise ValueError(f"unknown kernel {kernel!r}")
         calls.append(call)
@@ -559,6 +617,11 @@ def measure_one(kernel: str, batch: int, context: int, shape: Shape, args: argpa
         per_layer = math.ceil(per_layer * args.treekv_pool_factor)
     if kernel == "vqkv":  # one-byte codes instead of 2 x head_dim bf16 values
         per_layer = math.ceil(per_layer * sum((*VQKV_STAGES, VQKV_STAGES[0])) / (4 * shape.head_dim))
+    if kernel == "fourier":
+        if context <= FOURIER["sink"] + FOURIER["recent"] + 2 * FOURIER["freqs"]:
+            m.status, m.reason = "skipped", "nothing compressed at this context"
+            return m
+        per_layer = batch * fourier_layout(shape).bytes_per_request(context)
     if per_layer > args.max_kv_gb * 1e9:
         m.status, m.reason = "skipped", f"K+V {per_layer / 1e9:.1f} GB > --max-kv-gb {args.max_kv_gb}"
         return m
@@ -642,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.hbm = {"error": f"{exc!r}"[:400]}
     persist()
     if not args.no_check:
-        # vqkv is checked against its reference by tests/gpu/check_cuda.py vqkv
-        run.check = check_kernels(shape, [k for k in kernels if k not in ("fa3_fp8", "vqkv")], device)
+        # vqkv and fourier are checked against their references by tests/gpu/check_cuda.py
+        run.check = check_kernels(shape, [k for k in kernels if k not in ("fa3_fp8", "vqkv", "fourier")], device)
         log(f"check: {json.dumps(run.check)}")
         persist()
     points = plan(kernels, parse_ints(args.batches), parse_ints(args.contexts), parse_ints(args.budgets))

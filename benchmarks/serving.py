@@ -105,6 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     server.add_argument("--vqkv-codebooks", type=Path,
                         help="KVFOLD_VQKV codebooks (default: MODEL_DIR/vqkv_codebooks; written with "
                              "random codewords of the model's shape when the weights are dummy)")
+    server.add_argument("--fourier-dims", type=Path,
+                        help="KVFOLD_FOURIER dims (default: MODEL_DIR/fourier_dims; chosen at random in "
+                             "the paper's proportions when the weights are dummy)")
     server.add_argument("--extra-server-args", default="", help="appended to every server (shlex)")
     p.add_argument("--extra-bench-args", default="", help="appended to every vllm bench serve (shlex)")
     p.add_argument("--poll-interval", type=float, default=1.0)
@@ -238,7 +241,8 @@ def warmup(ctx: Context) -> dict:
     server_args = [
         "--load-format", "dummy", "--dtype", args.dtype, "--max-model-len", "4096",
         "--gpu-memory-utilization", "0.3", "--enforce-eager", "--no-enable-prefix-caching",
-        *registry.server_args(args.reference, ctx.config, args.treekv_positions, args.vqkv_codebooks),
+        *registry.server_args(args.reference, ctx.config, args.treekv_positions, args.vqkv_codebooks,
+                              args.fourier_dims),
         *shlex.split(args.extra_server_args),
     ]
     timeout = min(args.warmup_timeout, max(ctx.remaining(), 1.0))
@@ -339,7 +343,7 @@ def run_backend(ctx: Context, name: str, workloads: dict[str, Workload], common:
     args = ctx.args
     # The extra args last, so they can override the ones before (argparse keeps the last value).
     server_args = [*common, *registry.server_args(name, ctx.config, args.treekv_positions,
-                                              args.vqkv_codebooks),
+                                              args.vqkv_codebooks, args.fourier_dims),
                    *shlex.split(args.extra_server_args)]
     result = BackendResult(name=name, server_args=server_args, status="failed")
     ctx.run.backends[name] = result
@@ -447,6 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.load_format != "dummy":
                 raise SystemExit(f"no VQKV codebooks at {args.vqkv_codebooks}: run `kvfold calibrate vqkv`")
             write_shape_codebooks(config, args.vqkv_codebooks)
+    if "KVFOLD_FOURIER" in names:
+        from kvfold.attention_backends.fourier import calibrate as fourier
+
+        args.fourier_dims = (args.fourier_dims or model_dir / "fourier_dims").resolve()
+        if not (args.fourier_dims / fourier.FILE).is_file():
+            if args.load_format != "dummy":
+                raise SystemExit(f"no Fourier dims at {args.fourier_dims}: run `kvfold calibrate fourier`")
+            fourier.write(fourier.random_dims(model_dir, seed=0), args.fourier_dims)
     common = common_server_args(args)
     run = ServingRun(
         model=args.model if args.model_dir is None else str(args.model_dir), model_dir=str(model_dir),

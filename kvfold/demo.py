@@ -49,6 +49,8 @@ def run_demo(ns: argparse.Namespace) -> dict:
         args = common + (["--attention-backend", backend] if backend else [])
         if backend == "KVFOLD_VQKV":
             args += ["--additional-config", json.dumps({"kvfold": {"codebooks": str(_codebooks(model, workdir))}})]
+        if backend == "KVFOLD_FOURIER":
+            args += ["--additional-config", json.dumps({"kvfold": {"dims": str(_fourier_dims(model, workdir))}})]
         print(f"serving with {label} ...", flush=True)
         with Server(model, args, workdir / f"serve-{backend or 'default'}.log", env=env) as server:
             capacity = server.capacity()
@@ -74,6 +76,17 @@ def _codebooks(model: Path, workdir: Path) -> Path:
     out = workdir / "vqkv_codebooks"
     print(f"fitting VQKV codebooks for {model} -> {out} (resumable)")
     calibrate(model, out, num_tokens=8192, seq_len=1024, iterations=5, max_samples=8192)
+    return out
+
+
+def _fourier_dims(model: Path, workdir: Path) -> Path:
+    """FourierAttention's compressed dims for the demo model (the paper's schedule, two sequences)."""
+    from kvfold.attention_backends.fourier.calibrate import FILE, calibrate
+
+    out = workdir / "fourier_dims"
+    if not (out / FILE).exists():
+        print(f"choosing FourierAttention's compressed dims for {model} -> {out}")
+        calibrate(model, out, num_tokens=8192, seq_len=4096)
     return out
 
 

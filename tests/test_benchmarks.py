@@ -119,6 +119,10 @@ def test_backend_args_select_the_stated_configurations() -> None:
     assert overrides["layer_types"] == ["sliding_attention"] * 32
     assert backends.server_args("SLIDING_WINDOW_256:CPU_ATTN", config)[:2] == ["--attention-backend", "CPU_ATTN"]
     assert backends.server_args("CPU_ATTN", config) == ["--attention-backend", "CPU_ATTN"]
+    fourier = backends.server_args("KVFOLD_FOURIER", config, fourier_dims="/m/fourier_dims")
+    assert json.loads(fourier[fourier.index("--additional-config") + 1]) == {"kvfold": {"dims": "/m/fourier_dims"}}
+    with pytest.raises(ValueError, match="dims directory"):
+        backends.server_args("KVFOLD_FOURIER", config)
     with pytest.raises(ValueError, match="suffix"):
         backends.validate(["KVFOLD_TREEKV_"])
 
@@ -295,6 +299,21 @@ def test_kernel_check_runs_treekv_against_the_reference_on_cpu() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Plots
+
+
+@pytest.mark.triton
+def test_fourier_kernel_entry_runs_a_decode_step(monkeypatch) -> None:
+    from benchmarks import kernels
+
+    torch = kernels.torch
+    for key, value in {"sink": 4, "recent": 20, "freqs": 16}.items():
+        monkeypatch.setitem(kernels.FOURIER, key, value)
+    shape = kernels.Shape(num_heads=4, num_kv_heads=2, head_dim=32)
+    gen = torch.Generator().manual_seed(0)
+    call, required, extra, notes = kernels.build_fourier(shape, 2, 300, torch.device("cpu"), gen)
+    out = call()
+    assert out.shape == (2, 4, 32) and bool(out.isfinite().all())
+    assert required < notes["bf16_kv_bytes"] and notes["compressed_share"] == pytest.approx(0.8, abs=0.02)
 
 
 def test_plots_write_pngs(tmp_path: Path) -> None:

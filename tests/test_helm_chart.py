@@ -160,16 +160,20 @@ def test_schema_backend_names_are_kvfolds() -> None:
     assert schema["properties"]["kvfold"]["properties"]["backend"]["enum"] == [*BACKENDS, "CUSTOM"]
 
 
+# The file each method loads by path (the schema requires it for that method).
+REQUIRED_OPTIONS = {"KVFOLD_VQKV": {"codebooks": "/models/m/vqkv_codebooks"},
+                    "KVFOLD_FOURIER": {"dims": "/models/m/fourier_dims"}}
+
+
 @pytest.mark.parametrize("kvfold", [
-    *({"backend": name, "options": {"codebooks": "/models/m/vqkv_codebooks"}} for name in BACKENDS),
+    *({"backend": name, "options": REQUIRED_OPTIONS.get(name, {})} for name in BACKENDS),
     {"backend": "CUSTOM", "options": {"method": "treekv"}},
+    {"backend": "CUSTOM", "options": {"method": "fourier", "dims": "/models/m/fourier_dims"}},
     {"backend": "CUSTOM", "options": {"method": "KVFOLD_DENSE"}},
 ], ids=lambda v: v["backend"] + v["options"].get("method", ""))
 def test_prefix_caching_is_off_exactly_for_methods_that_refuse_it(kvfold: dict) -> None:
     from kvfold.attention_backends.selection import backend_class
 
-    if kvfold["backend"] != "KVFOLD_VQKV":
-        kvfold = {**kvfold, "options": {k: v for k, v in kvfold["options"].items() if k != "codebooks"}}
     args = container(render({"kvfold": kvfold}))["args"]
     method = method_for(kvfold["backend"], {"kvfold": kvfold["options"]})
     refuses = backend_class(method).prefix_caching_refusal is not None
@@ -179,6 +183,8 @@ def test_prefix_caching_is_off_exactly_for_methods_that_refuse_it(kvfold: dict) 
 @pytest.mark.parametrize(("values", "complaint"), [
     ({"kvfold": {"backend": "KVFOLD_VQKV"}}, "/kvfold"),
     ({"kvfold": {"backend": "KVFOLD_VQKV", "options": {"codebooks": "rel/dir"}}}, "/kvfold/options/codebooks"),
+    ({"kvfold": {"backend": "KVFOLD_FOURIER"}}, "/kvfold"),
+    ({"kvfold": {"backend": "KVFOLD_FOURIER", "options": {"dims": "rel/dir"}}}, "/kvfold/options/dims"),
     ({"kvfold": {"backend": "FLASH_ATTN"}}, "/kvfold/backend"),
     ({"securityContext": {"readOnlyRootFilesystem": False}}, "/securityContext/readOnlyRootFilesystem"),
     ({"securityContext": {"allowPrivilegeEscalation": True}}, "/securityContext/allowPrivilegeEscalation"),

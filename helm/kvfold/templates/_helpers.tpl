@@ -52,5 +52,5 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* Methods whose blocks prefix caching cannot share (their backend's prefix_caching_refusal):
      vLLM enables prefix caching by default, and kvfold refuses it at start-up for these. */}}
 {{- define "kvfold.refusesPrefixCaching" -}}
-{{- if has (include "kvfold.method" .) (list "KVFOLD_TREEKV" "KVFOLD_VQKV") }}true{{ end -}}
+{{- if has (include "kvfold.method" .) (list "KVFOLD_TREEKV" "KVFOLD_VQKV" "KVFOLD_FOURIER") }}true{{ end -}}
 {{- end -}}
