@@ -7,6 +7,8 @@ One decode step of one attention layer at a model's shape (default Llama-3.1-8B:
   on the paged cache, ``block_table``/``seqused_k``, ``max_seqlen_q=1``, causal, ``fa_version=3``,
   the ahead-of-time ``scheduler_metadata``), K/V being views of vLLM's cache layout
   ``[blocks, kv_heads, block_size, 2 * head_dim]``;
+- ``sdpa``: PyTorch's own fused attention (``scaled_dot_product_attention``, flash/cuDNN/efficient
+  backends, GQA) over a contiguous dense bf16 cache: a dense baseline that needs no vLLM;
 - ``triton``: TRITON_ATTN's ``unified_attention`` on the same layout (its 3D split-softmax kernel
   below 16 sequences, as vLLM configures it);
 - ``treekv``: kvfold's TreeKV decode kernel over per-(request, head) entry lists; its context axis
@@ -54,7 +56,7 @@ from benchmarks import env_info
 from benchmarks.model_dirs import load_config, model_names
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = ["fa3", "treekv", "vqkv", "fourier", "triton", "fa3_fp8"]
+KERNELS = ["fa3", "sdpa", "treekv", "vqkv", "fourier", "triton", "fa3_fp8"]
 FOURIER = {"sink": 4, "recent": 1020, "freqs": 512, "fractions": (0.8, 0.8)}  # the paper's middle layers
 VQKV_STAGES = (8, 16)  # kvfold calibrate vqkv defaults: 2 x 8 key + 16 value codes per token and head
 ROTATE_TARGET_BYTES = 512 * 2**20
@@ -250,6 +252,24 @@ def _import_fa() -> Any:
     from vllm.vllm_flash_attn import flash_attn_varlen_func, get_scheduler_metadata
 
     return flash_attn_varlen_func, get_scheduler_metadata
+
+
+def build_sdpa(shape: Shape, batch: int, context: int, device: torch.device,
+               gen: torch.Generator | None = None) -> tuple[Callable[[], object], int, int, dict]:
+    """Dense decode attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kv = torch.empty(2, batch, shape.num_kv_heads, context, shape.head_dim, dtype=torch.bfloat16,
+                     device=device).normal_(generator=gen)
+    query = torch.empty(batch, shape.num_heads, 1, shape.head_dim, dtype=torch.bfloat16,
+                        device=device).normal_(generator=gen)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+    def call() -> object:
+        with sdpa_kernel(fused if device.type == "cuda" else [SDPBackend.MATH]):
+            return torch.nn.functional.scaled_dot_product_attention(query, kv[0], kv[1], enable_gqa=True)
+
+    return call, kv.numel() * 2 + query.numel() * 2, query.numel() * 2, {}
 
 
 def build_fa3(shape: Shape, batch: int, context: int, device: torch.device, fp8: bool = False,
@@ -600,6 +620,8 @@ def build_layers(kernel: str, batch: int, context: int, layers: int, shape: Shap
                                                         args.treekv_pool_factor, gen=gen)
         elif kernel == "vqkv":
             call, required, extra, notes = build_vqkv(shape, batch, context, device, gen=gen)
+        elif kernel == "sdpa":
+            call, required, extra, notes = build_sdpa(shape, batch, context, device, gen=gen)
         elif kernel == "fourier":
             call, required, extra, notes = build_fourier(shape, batch, context, device, gen=gen)
         else:
@@ -706,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     persist()
     if not args.no_check:
         # vqkv and fourier are checked against their references by tests/gpu/check_cuda.py
-        run.check = check_kernels(shape, [k for k in kernels if k not in ("fa3_fp8", "vqkv", "fourier")], device)
+        run.check = check_kernels(shape, [k for k in kernels if k not in ("fa3_fp8", "vqkv", "fourier", "sdpa")],
+                                  device)
         log(f"check: {json.dumps(run.check)}")
         persist()
     points = plan(kernels, parse_ints(args.batches), parse_ints(args.contexts), parse_ints(args.budgets))

@@ -17,7 +17,6 @@ from kvfold.attention_backends.fourier.reference import (
     middle_scores,
     middle_values,
     project,
-    reconstruct,
 )
 from kvfold.attention_backends.fourier.selection import dim_errors, paper_fractions, select
 

@@ -7,10 +7,9 @@ blocks of its fixed state (coefficients, normalisation, exact ring;
 concurrency are FourierAttention's. Every layer reaches the whole allocation through one
 :class:`arena.CacheArena`.
 
-A step (:mod:`stream` states the semantics): prefill chunks attend to the cache as it was plus
-themselves exactly; then every request's tokens enter the cache (:func:`paged.write_request`);
-then decoding tokens attend to the cache that now holds them (Triton + FFT on CUDA,
-:mod:`kernels`; the torch rebuild elsewhere).
+A step is :func:`step.attend_step` (prefill chunks attend, every request's tokens enter the cache,
+decoding tokens attend to the cache that now holds them: Triton + FFT on CUDA, the torch rebuild
+elsewhere).
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvfold.attention_backends.fourier import calibrate as files
 from kvfold.attention_backends.fourier.arena import CacheArena
-from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
-from kvfold.attention_backends.fourier.kernels import triton_enabled
+from kvfold.attention_backends.fourier.decode import HeadTables
 from kvfold.attention_backends.fourier.layout import FourierLayout
 from kvfold.attention_backends.fourier.options import FourierOptions
-from kvfold.attention_backends.fourier.paged import visible, write_request
-from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
+from kvfold.attention_backends.fourier.step import attend_step
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
@@ -134,36 +131,9 @@ class FourierImpl(KvfoldImpl):
         metadata: PagedMetadata,
         output: torch.Tensor,
     ) -> None:
-        arena = self._arena(kv_cache)
-        index = self._layer(layer)
-        steps = list(metadata.requests())
-        for i, start, end, seq_len in steps:  # prefill chunks: the cache as it was, then themselves
-            if end - start > 1:
-                past = seq_len - (end - start)
-                k, v = visible(arena, index, metadata.block_table[i], past, self.window)
-                k = torch.cat([k, key[start:end].float()])
-                v = torch.cat([v, value[start:end].float()])
-                out = prefill_attention(query[start:end], k.to(query.dtype), v.to(query.dtype), self.scale, past)
-                output[start:end] = out.to(output.dtype)
-        fast = triton_enabled(query.device)
-        for i, start, end, seq_len in steps:
-            if end - start > 1 or not fast:
-                write_request(arena, index, metadata.block_table[i], key[start:end], value[start:end],
-                              seq_len - (end - start), prefill=end - start > 1, window=self.window)
-        decode = [(i, start, seq_len) for i, start, end, seq_len in steps if end - start == 1]
-        if decode and fast:  # decode: the cache that now holds the new token
-            if self.tables is None:
-                self.tables = HeadTables.build(arena, index)
-            rows = torch.tensor([i for i, _, _ in decode], device=query.device)
-            starts = torch.tensor([s for _, s, _ in decode], device=query.device)
-            out = decode_step(arena, self.tables, index, query[starts], key[starts], value[starts],
-                              metadata.block_table[rows], [n for _, _, n in decode],
-                              scale=self.scale, window=self.window)
-            output[starts] = out.to(output.dtype)
-        for i, start, seq_len in decode if not fast else ():
-            k, v = visible(arena, index, metadata.block_table[i], seq_len, self.window)
-            out = causal_gqa_attention(query[start : start + 1], k, v, self.scale, seq_len - 1)
-            output[start : start + 1] = out.to(output.dtype)
+        self.tables = attend_step(
+            self._arena(kv_cache), self._layer(layer), self.tables, query, key, value,
+            metadata.block_table, list(metadata.requests()), output, scale=self.scale, window=self.window)
 
 
 class FourierBackend(KvfoldBackend):

@@ -28,7 +28,6 @@ different dims: the kernels take per-head tables (segment offsets, widths, state
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -91,7 +90,6 @@ def _coef_pass(
     enter = tl.load(Enter + r * stride_er + h * stride_eh + offs_d, mask=mask_d, other=0.0)
     req_row = r * stride_b
     if PROJECT:
-        tiles = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         start, stop = tl.program_id(2) * BLOCK_R, tl.program_id(2) * BLOCK_R + BLOCK_R
         q = tl.load(Weights + r * stride_wr + heads[:, None] * stride_wh + offs_d[None, :],
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -283,5 +281,3 @@ def scaled_log2(scale: float) -> float:
     """Scores enter the kernel multiplied by this, so the kernel can use exp2."""
     return scale * LOG2E
 
-
-assert math.isclose(LOG2E, 1 / math.log(2))

@@ -1,0 +1,63 @@
+"""One layer's FourierAttention step over a batch of requests, independent of vLLM's classes.
+
+Order (the semantics of :mod:`stream`): prefill chunks attend to the cache as it was plus themselves
+exactly; then every request's tokens enter the cache; then decoding tokens attend to the cache that
+now holds them. Decoding runs through the Triton kernels where Triton runs (:mod:`decode`), else
+through the torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvfold.attention_backends.fourier.arena import CacheArena
+from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
+from kvfold.attention_backends.fourier.kernels import triton_enabled
+from kvfold.attention_backends.fourier.paged import visible, write_request
+from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
+
+
+def attend_step(
+    arena: CacheArena,
+    layer: int,
+    tables: HeadTables | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_table: torch.Tensor,
+    requests: Sequence[tuple[int, int, int, int]],
+    output: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+) -> HeadTables | None:
+    """Attend ``requests`` = ``(row, first query token, end query token, KV length after the step)``
+    and store their tokens; returns the layer's head tables (built on the first fast decode)."""
+    for i, start, end, seq_len in requests:
+        if end - start > 1:
+            past = seq_len - (end - start)
+            k, v = visible(arena, layer, block_table[i], past, window)
+            k = torch.cat([k, key[start:end].float()])
+            v = torch.cat([v, value[start:end].float()])
+            out = prefill_attention(query[start:end], k.to(query.dtype), v.to(query.dtype), scale, past)
+            output[start:end] = out.to(output.dtype)
+    fast = triton_enabled(query.device)
+    for i, start, end, seq_len in requests:
+        if end - start > 1 or not fast:
+            write_request(arena, layer, block_table[i], key[start:end], value[start:end],
+                          seq_len - (end - start), prefill=end - start > 1, window=window)
+    decode = [(i, start, seq_len) for i, start, end, seq_len in requests if end - start == 1]
+    if decode and fast:
+        tables = tables or HeadTables.build(arena, layer)
+        rows = torch.tensor([i for i, _, _ in decode], device=query.device)
+        starts = torch.tensor([s for _, s, _ in decode], device=query.device)
+        out = decode_step(arena, tables, layer, query[starts], key[starts], value[starts],
+                          block_table[rows], [n for _, _, n in decode], scale=scale, window=window)
+        output[starts] = out.to(output.dtype)
+    for i, start, seq_len in decode if not fast else ():
+        k, v = visible(arena, layer, block_table[i], seq_len, window)
+        out = causal_gqa_attention(query[start : start + 1], k, v, scale, seq_len - 1)
+        output[start : start + 1] = out.to(output.dtype)
+    return tables
