@@ -69,3 +69,28 @@ def test_serve_treekv_with_the_issue_command_shape(tiny_llama, tmp_path) -> None
     assert ratio and float(ratio[0].split()[-1]) == pytest.approx((1024 * 256) / (512 * 272))
     assert "Using KVFOLD_TREEKV backend" in server.log_text()
     assert server.process.returncode == 0 and server.stragglers == []
+
+
+def test_serve_fourier_with_the_issue_command_shape(tiny_llama, tmp_path) -> None:
+    import torch
+
+    from kvfold.attention_backends.fourier import calibrate as files
+    from kvfold.attention_backends.fourier.backend import FourierOptions, layout_for
+
+    files.write(files.random_dims(tiny_llama, seed=0, sink=4, recent=60, freqs=16), tmp_path / "dims")
+    options = f'{{"kvfold": {{"dims": "{tmp_path / "dims"}"}}}}'
+    server = Server(tiny_llama, ["--attention-backend", "KVFOLD_FOURIER", "--additional-config", options,
+                                 "--no-enable-prefix-caching", *ARGS], tmp_path / "serve.log", env=ENV)
+    with server:
+        long_prompt = [3 + (i * 37) % 250 for i in range(700)]  # its middle is compressed
+        out = server.complete(long_prompt, max_tokens=16)
+        assert out["usage"]["completion_tokens"] == 16
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    ratio = [line for line in metrics.splitlines() if line.startswith("kvfold:compression_ratio")]
+    # vLLM serves the tiny model in bfloat16 here: a 1024-token request holds 8 blocks of 128 slots
+    # plus the reserved ones, each slot one cell of every layer's kept dims.
+    layout = layout_for(FourierOptions(dims=str(tmp_path / "dims")), torch.bfloat16, 128)
+    dense = 1024 * layout.dense_cell_bytes * layout.num_layers
+    assert ratio and float(ratio[0].split()[-1]) == pytest.approx(dense / layout.bytes_per_request(1024))
+    assert "Using KVFOLD_FOURIER backend" in server.log_text()
+    assert server.process.returncode == 0 and server.stragglers == []
