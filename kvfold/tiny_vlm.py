@@ -50,6 +50,23 @@ def _save_common(path: Path, model: Any, processor: Any) -> Path:
     return path
 
 
+def llava_processor(path: Path, *, image_size: int = 336, patch_size: int = 14) -> Any:
+    """LLaVA-1.5's processor over the byte tokenizer (+ ``<image>``), with a PIL CLIP image
+    processor (resize the short side, centre-crop to ``image_size``); its tokenizer is saved."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=_tokenizer(path, (LLAVA_IMAGE_TOKEN,)),
+        patch_size=patch_size, vision_feature_select_strategy="default",
+        image_token=LLAVA_IMAGE_TOKEN, num_additional_image_tokens=1,
+        chat_template=_CHAT_TEMPLATE.replace("__IMAGE__", LLAVA_IMAGE_TOKEN),
+    )
+
+
 def write_tiny_llava(
     path: str | Path,
     *,
@@ -69,18 +86,12 @@ def write_tiny_llava(
     ``LlavaForConditionalGeneration`` without a ``fourier_vlm`` key).
     """
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(path, (LLAVA_IMAGE_TOKEN,))
+    processor = llava_processor(path, image_size=image_size, patch_size=patch_size)
+    tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
@@ -100,15 +111,6 @@ def write_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-        vision_feature_select_strategy="default", image_token=LLAVA_IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-        chat_template=_CHAT_TEMPLATE.replace("__IMAGE__", LLAVA_IMAGE_TOKEN),
-    )
     _save_common(path, model, processor)
     _hub_llava_names(path / "model.safetensors")
     _edit_config(path, architecture, fourier_vlm)
