@@ -54,9 +54,14 @@ def llava_processor(path: Path, *, image_size: int = 336, patch_size: int = 14) 
     """LLaVA-1.5's processor over the byte tokenizer (+ ``<image>``), with a PIL CLIP image
     processor (resize the short side, centre-crop to ``image_size``); its tokenizer is saved."""
     from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:  # transformers before the PIL/torchvision backend split: already PIL
+        from transformers import CLIPImageProcessor as ImageProcessor
 
-    image_processor = CLIPImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
@@ -150,9 +155,13 @@ def write_tiny_qwen2_vl(
     """A random Qwen2-VL (ViT + PatchMerger, M-RoPE Qwen2) at ``path``; see :func:`write_tiny_llava`."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
+
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:  # transformers before the PIL/torchvision backend split: already PIL
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -180,7 +189,7 @@ def write_tiny_qwen2_vl(
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
-    image_processor = Qwen2VLImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"shortest_edge": 56 * 56, "longest_edge": max_pixels},
         patch_size=14, merge_size=2, temporal_patch_size=2,
     )

@@ -228,3 +228,34 @@ def test_vllm_vision_modules_import_without_torchvision() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_plugin_registers_both_architectures_with_their_processors() -> None:
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    from kvfold.models import MODELS
+    from kvfold.models.fourier_vlm import llava, qwen2_vl
+    from kvfold.vllm_plugins.general import register
+
+    register()
+    for arch, cls, base, processor in [
+        ("FourierLlavaForConditionalGeneration", llava.FourierLlavaForConditionalGeneration,
+         LlavaForConditionalGeneration, llava.FourierLlavaMultiModalProcessor),
+        ("FourierQwen2VLForConditionalGeneration", qwen2_vl.FourierQwen2VLForConditionalGeneration,
+         Qwen2VLForConditionalGeneration, qwen2_vl.FourierQwen2VLMultiModalProcessor),
+    ]:
+        entry = ModelRegistry.models[arch]
+        assert f"{entry.module_name}:{entry.class_name}" == MODELS[arch]
+        assert MODELS[arch] == f"{cls.__module__}:{cls.__qualname__}"
+        assert issubclass(cls, base)
+        # Its own processor factories, not the stock model's (placeholder counts come from them).
+        assert cls.__dict__["_processor_factory"].processor is processor
+    # The stock names stay vLLM's own classes.
+    assert "LlavaForConditionalGeneration" not in MODELS
+    assert "Qwen2VLForConditionalGeneration" not in MODELS

@@ -5,6 +5,7 @@ LLaVA is selected by its checkpoint's config.json (kvfold's architecture name an
 ``--hf-overrides`` (the authors' default ratio 2/3). Each request is sent with and without its
 image, so the image's share of ``usage.prompt_tokens`` is exactly the compressed count, which must
 also equal transformers' uncompressed prompt minus the tokens Fourier-VLM removes.
+On a GPU machine: ``FOURIER_VLM_TEST_DTYPE=bfloat16 python -m pytest tests/test_fourier_vlm_serve.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import pytest
 import requests
@@ -24,7 +26,9 @@ from kvfold.tiny_vlm import write_tiny_llava, write_tiny_qwen2_vl
 pytestmark = pytest.mark.engine
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+# Token counts do not depend on the dtype: FOURIER_VLM_TEST_DTYPE=bfloat16 runs these on a GPU.
+ARGS = ["--dtype", os.environ.get("FOURIER_VLM_TEST_DTYPE", "float32"), "--max-model-len", "1024",
+        "--enforce-eager"]
 QUESTION = "What is in the picture?"
 
 
