@@ -150,6 +150,10 @@ class FourierLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 class FourierLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA with the tower's patch features Fourier-compressed before the projector."""
 
+    # vLLM maps tower/connector LoRA tokens from the number of embeddings the model returns,
+    # which compression changes; LoRA on the language model is unaffected.
+    supports_tower_connector_lora = False
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         spec = llava_spec(vllm_config.model_config.hf_config)  # before any allocation
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -115,6 +115,8 @@ class FourierQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
         vision = self.get_hf_config().vision_config
         merge, patch = vision.spatial_merge_size, vision.patch_size
         rows, cols = size.height // patch // merge, size.width // patch // merge
+        if rows * cols == 0:  # an unresized image smaller than one merged patch: no tokens
+            return size, full
         frames = full // (rows * cols)  # vLLM's own temporal padding, read back from its count
         grid = (frames, rows * merge, cols * merge)
         return size, num_kept_tokens(self.fourier_options(), grid, merge)
@@ -154,6 +156,10 @@ class FourierQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
 )
 class FourierQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with each frame's merged vision tokens Fourier-compressed."""
+
+    # vLLM maps tower/connector LoRA tokens from the number of embeddings the model returns,
+    # which compression changes; LoRA on the language model is unaffected.
+    supports_tower_connector_lora = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         options = qwen2_vl_options(vllm_config.model_config.hf_config, ARCHITECTURE)
