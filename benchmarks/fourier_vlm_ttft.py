@@ -19,6 +19,10 @@ GPU, LLaVA-1.5-7B shape (benchmarks/models/llava-1.5-7b/config.json) with dummy 
 CPU, a tiny random LLaVA with the same 24x24 vision grid (a check that the script works):
 
     python -m benchmarks.fourier_vlm_ttft --tiny
+
+Results of separate commands (``--variants 576 --out A.json`` ...) combine with
+
+    python -m benchmarks.fourier_vlm_ttft --merge A.json B.json C.json --out MERGED.json
 """
 
 from __future__ import annotations
@@ -367,10 +371,30 @@ def plot(run: dict[str, Any], path: Path) -> Path:
     return out
 
 
+def merge(paths: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One result from several runs (e.g. one variant per command): the later file wins a variant."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**runs[0], "variants": [], "flops": {}, "merged_from": [str(p) for p in paths]}
+    for run in runs:
+        merged["flops"].update(run["flops"])
+        keep = [v for v in merged["variants"]
+                if v["vision_tokens"] not in {x["vision_tokens"] for x in run["variants"]}]
+        merged["variants"] = keep + run["variants"]
+    merged["variants"].sort(key=lambda x: -x["vision_tokens"])
+    save(merged, out)
+    plot(merged, out)
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         child_main(argv[1])
+        return 0
+    if argv[:1] == ["--merge"]:
+        out_at = argv.index("--out")
+        merged = merge([Path(p) for p in argv[1:out_at]], Path(argv[out_at + 1]))
+        print(json.dumps(merged["summary"], indent=2))
         return 0
     args = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -192,3 +192,23 @@ def test_tiny_result_in_docs_is_consistent() -> None:
             assert batch["prompt_tokens"] == [run["text_tokens"] + n]
     assert tokens[576]["resolved_architecture"] == "LlavaForConditionalGeneration"
     assert tokens[144]["resolved_architecture"] == "FourierLlavaForConditionalGeneration"
+
+
+def test_merge_combines_runs_of_single_variants(tmp_path) -> None:
+    def run(tokens, wall):
+        return {"kind": "fourier_vlm_ttft", "model": "m", "env": {}, "batch_sizes": [1],
+                "flops": {str(tokens): {"total": tokens * 1e10}},
+                "variants": [{"vision_tokens": tokens, "status": "ok",
+                              "batches": {"1": {"wall_median_s": wall, "request_ttft_mean_s": wall,
+                                                "prompt_tokens": [tokens + 69]}}}]}
+
+    paths = []
+    for tokens, wall in ((576, 0.1), (144, 0.06), (64, 0.05)):
+        paths.append(tmp_path / f"{tokens}.json")
+        paths[-1].write_text(json.dumps(run(tokens, wall)))
+    out = tmp_path / "merged.json"
+    assert ttft.main(["--merge", *map(str, paths), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [v["vision_tokens"] for v in merged["variants"]] == [576, 144, 64]
+    assert merged["summary"]["1"]["144"]["ttft_change_pct"] == pytest.approx(-40.0)
+    assert out.with_suffix(".png").is_file()
