@@ -38,13 +38,30 @@ def torchvision_installed() -> bool:
 
 
 class _StandIn(types.ModuleType):
+    """Resolves its helpers from the PIL sibling on first use (the plugin installs it in every
+    vLLM process, where importing transformers' image-processing stack would cost a second)."""
+
     def __getattr__(self, name: str):
+        if name in self.__all__:
+            value = getattr(importlib.import_module(self._kvfold_source), name)
+            setattr(self, name, value)
+            return value
         # AttributeError, so hasattr() probes stay False; `from m import x` turns it into an
         # ImportError with this message as its context.
         raise AttributeError(
-            f"{self.__name__}.{name} needs torchvision, which cannot be imported here; kvfold "
-            f"provides only {', '.join(self.__all__)} from {self._kvfold_source} in its place"
+            f"{self.__name__}.{name} needs torchvision, which is not installed; kvfold provides "
+            f"only {', '.join(self.__all__)} from {self._kvfold_source} in its place"
         )
+
+
+def _imports_torchvision(module: str) -> bool:
+    """Whether ``module``'s source imports torchvision (read, not executed: cheap)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return False
+    with open(spec.origin, encoding="utf-8") as f:
+        source = f.read()
+    return "\nimport torchvision" in source or "\nfrom torchvision" in source
 
 
 def ensure_importable() -> list[str]:
@@ -53,20 +70,15 @@ def ensure_importable() -> list[str]:
         return []
     installed = []
     for name, (source, helpers) in _STAND_INS.items():
-        if name in sys.modules:
+        # Not for a module already imported, nor for one that imports without torchvision
+        # (e.g. transformers 4.x, where these are the PIL image processors themselves).
+        if name in sys.modules or not _imports_torchvision(name):
             continue
-        try:
-            importlib.import_module(name)  # e.g. transformers 4.x: a PIL module, imports fine
+        if importlib.util.find_spec(source) is None:
             continue
-        except ModuleNotFoundError as exc:
-            if exc.name is None or exc.name.split(".")[0] != "torchvision":
-                raise
-        pil = importlib.import_module(source)
         module = _StandIn(name, f"kvfold stand-in: {', '.join(helpers)} from {source}")
         module.__all__ = list(helpers)
         module._kvfold_source = source
-        for helper in helpers:
-            setattr(module, helper, getattr(pil, helper))
         sys.modules[name] = module
         installed.append(name)
     return installed
