@@ -259,3 +259,39 @@ def test_plugin_registers_both_architectures_with_their_processors() -> None:
     # The stock names stay vLLM's own classes.
     assert "LlavaForConditionalGeneration" not in MODELS
     assert "Qwen2VLForConditionalGeneration" not in MODELS
+
+
+# ------------------------------------------------------------------------------------------------
+# What vLLM profiles with: the dummy inputs of the processor vLLM builds for the model
+
+
+def processor_for(model_dir, **overrides):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from kvfold.vllm_plugins.general import register
+
+    register()
+    config = ModelConfig(model=str(model_dir), dtype="float32", max_model_len=1024,
+                         hf_overrides=overrides, limit_mm_per_prompt={"image": 1})
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def test_profiling_inputs_use_the_compressed_counts(tmp_path) -> None:
+    from kvfold.tiny_vlm import write_tiny_llava, write_tiny_qwen2_vl
+
+    llava = processor_for(write_tiny_llava(tmp_path / "llava"),
+                          architectures=["FourierLlavaForConditionalGeneration"],
+                          fourier_vlm={"reserve": [6, 10]})
+    dummy = llava.get_dummy_mm_inputs({"image": 1})
+    assert [p.length for p in dummy["mm_placeholders"]["image"]] == [60]
+    assert dummy["prompt_token_ids"][:61].count(llava.info.get_hf_config().image_token_index) == 60
+
+    qwen = processor_for(write_tiny_qwen2_vl(tmp_path / "qwen"),
+                         architectures=["FourierQwen2VLForConditionalGeneration"])
+    width, height = qwen.info.get_image_size_with_most_features()
+    assert (width, height) == (448, 448)  # max_pixels 448 * 448: 16 x 16 merged tokens
+    assert qwen.info.get_mm_max_tokens_per_item(1024, {"image": 1})["image"] == 100  # 10 x 10
+    dummy = qwen.get_dummy_mm_inputs({"image": 1})
+    assert [p.length for p in dummy["mm_placeholders"]["image"]] == [100]
+    assert dummy["mm_kwargs"]["image"][0]["image_grid_thw"].data.tolist() == [1, 32, 32]
