@@ -91,7 +91,12 @@ def write_tiny_llava(
     ``LlavaForConditionalGeneration`` without a ``fourier_vlm`` key).
     """
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,9 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems  # noqa: E402
 from vllm.multimodal.parse import ImageSize, MultiModalDataItems  # noqa: E402
-from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
 ARCHITECTURE = "FourierQwen2VLForConditionalGeneration"
