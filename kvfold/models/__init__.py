@@ -14,4 +14,10 @@ MODELS: dict[str, str] = {
     # `vllm serve DIR` to work unchanged. Without "rope_config" the class builds exactly vLLM's
     # own Llama (same layers, same loader): see docs/rope-pp.md.
     "LlamaForCausalLM": _ROPE_PP_LLAMA,
+    # Fourier-VLM (arXiv 2508.06038): DCT low-pass compression of the vision tokens. Own names
+    # only, so stock checkpoints opt in with --hf-overrides '{"architectures": [...]}'.
+    "FourierLlavaForConditionalGeneration":
+        "kvfold.models.fourier_vlm.llava:FourierLlavaForConditionalGeneration",
+    "FourierQwen2VLForConditionalGeneration":
+        "kvfold.models.fourier_vlm.qwen2_vl:FourierQwen2VLForConditionalGeneration",
 }

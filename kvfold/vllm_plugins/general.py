@@ -61,6 +61,15 @@ def _register_kv_cache_specs() -> None:
 def _register_models() -> None:
     from vllm import ModelRegistry
 
+    from kvfold.models.fourier_vlm.torchvision_free import ensure_importable
+
+    # vLLM's LLaVA / Qwen2-VL modules (Fourier-VLM's bases) import a torchvision-backed helper;
+    # without torchvision (the CPU torch build) they get the identical PIL-backend helper.
+    try:
+        ensure_importable()
+    except Exception:  # never break text-only models over a vision helper
+        logger.warning("kvfold: torchvision-free imports for LLaVA/Qwen2-VL not set up",
+                       exc_info=True)
     for arch, qualname in MODELS.items():
         ModelRegistry.register_model(arch, qualname)  # lazy "module:Class": imported on use
 
