@@ -38,7 +38,7 @@ def build(config_path: Path, device: torch.device, dtype: torch.dtype):
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.eval(), config
+    return model.to(dtype).eval(), config  # the config names float16; every part the same dtype
 
 
 def prefill(model, config, pixels: torch.Tensor, text: torch.Tensor, keep: int | None) -> torch.Tensor:

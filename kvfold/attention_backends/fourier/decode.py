@@ -32,6 +32,10 @@ class HeadTables:
     kept_flat: dict[str, torch.Tensor]  # [sum W] element offsets of every kept dim from a slot
     kept_cols: dict[str, torch.Tensor]  # [sum W] the same dims as columns of [H * D]
     width: dict[str, int]  # widest kept segment / compressed set of the layer, per kind ("kk", "ck", ...)
+    items: dict[tuple[str, bool], tuple[torch.Tensor, ...]]  # (kind, coef): [1, H, 1] first page,
+    # rows per page, row bytes; shaped to broadcast over [R, H, rows]
+    valid: dict[str, torch.Tensor]  # [H, Dc]: which padded compressed dims a head really has
+    dummy: int  # a byte address nothing reads (vLLM's null block 0): where masked lanes go
 
     @classmethod
     def build(cls, arena: CacheArena, layer: int) -> HeadTables:
@@ -68,19 +72,22 @@ class HeadTables:
                 flat.append(start + torch.arange(seg.width))
                 cols.append(h * sizes[kind] + dims)
             kept_flat[kind], kept_cols[kind] = torch.cat(flat).to(dev), torch.cat(cols).to(dev)
-        return cls(torch.tensor(rows, dtype=torch.int64, device=dev), kept, compressed, kept_flat,
-                   kept_cols, width)
-
-    def item(self, kind: str, coef: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        start = (kernels.COEF_K if kind == "k" else kernels.COEF_V) if coef else \
-            (kernels.RING_K if kind == "k" else kernels.RING_V)
-        return tuple(self.table[:, start + i] for i in range(4))  # first, per page, row bytes, width
+        table = torch.tensor(rows, dtype=torch.int64, device=dev)
+        items, valid = {}, {}
+        for kind in KINDS:
+            for coef in (False, True):
+                start = (kernels.COEF_K if kind == "k" else kernels.COEF_V) if coef else \
+                    (kernels.RING_K if kind == "k" else kernels.RING_V)
+                items[(kind, coef)] = tuple(table[None, :, start + i, None] for i in range(3))
+            ring = kernels.RING_K if kind == "k" else kernels.RING_V
+            valid[kind] = torch.arange(width["c" + kind], device=dev)[None, :] < table[:, ring + 3, None]
+        return cls(table, kept, compressed, kept_flat, kept_cols, width, items, valid, int(arena.base[0]))
 
 
 def row_addresses(arena: CacheArena, tables: HeadTables, kind: str, coef: bool, rows: torch.Tensor,
                   which: torch.Tensor) -> torch.Tensor:
     """Byte addresses ``[R, H, m]`` of state rows ``which`` (``[R, H, m]`` or broadcastable) of every head."""
-    first, per_page, row_bytes, _ = (t[None, :, None] for t in tables.item(kind, coef))
+    first, per_page, row_bytes = tables.items[(kind, coef)]
     page = first + which // per_page
     # Rows past an item (of requests a caller masks out) would name pages past the arena.
     view = (page // arena.layout.reserved_blocks).clamp(max=arena.layout.num_layers - 1)
@@ -123,12 +130,11 @@ def decode_step(
     for i in (i for i, a in enumerate(alone) if a):
         write_request(arena, layer, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
                       prefill=False, window=window)
-    batched = torch.tensor([not a for a in alone], device=dev)
-    n = torch.tensor(seq_lens, device=dev)
-    flags = torch.tensor([UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)],
-                         dtype=torch.int32, device=dev)
-    enter = write_batched(arena, tables, layer, key, value, rows, n, batched,
-                          torch.tensor(was, device=dev))
+    per_request = torch.tensor(  # one host-to-device copy for the step's per-request scalars
+        [seq_lens, [not a for a in alone], was,
+         [UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)]], device=dev)
+    n, batched, flags = per_request[0], per_request[1].bool(), per_request[3].to(torch.int32)
+    enter = write_batched(arena, tables, layer, key, value, rows, n, batched, per_request[2].bool())
 
     stats = {kind: read_stats(arena, tables, kind, rows, (SCALE, OFFSET)) for kind in KINDS}
     q = query.float().view(num_reqs, heads, group, -1)
@@ -146,7 +152,7 @@ def decode_step(
     longest = max(seq_lens)
     middle = layout.middle_length(longest)
     log2 = kernels.scaled_log2(scale)
-    spec = torch.zeros(num_reqs, num_heads, longest, device=dev)
+    spec = torch.zeros(num_reqs, num_heads, kernels.round_up(longest, 64), device=dev)
     if middle:
         spec[..., sink : sink + middle] = spectral.synthesize(z, middle, window) + const[..., None]
     p, tile_max, acc_k, acc_c, m, l = kernels.decode_pass(  # noqa: E741
@@ -164,8 +170,9 @@ def decode_step(
     kept_out = (acc_k * alpha[..., None]).sum(2) / total[..., None]
     exact_out = (acc_c * alpha[..., None]).sum(2) / total[..., None]
     # Each exported probability is relative to its tile's running max.
-    factor = torch.exp2(tile_max - top[..., None]).repeat_interleave(kernels.BLOCK_N, -1)[..., :longest]
-    probs = (p * factor / total[..., None])[..., sink : sink + middle]
+    tiles = -(-longest // kernels.BLOCK_N)
+    factor = torch.exp2(tile_max[..., :tiles] - top[..., None]).repeat_interleave(kernels.BLOCK_N, -1)[..., :longest]
+    probs = (p[..., :longest] * factor / total[..., None])[..., sink : sink + middle]
     spectral_out = torch.zeros(num_reqs, num_heads, tables.width["cv"], device=dev)
     if middle:
         w = spectral.analyze(probs, window, freqs)
@@ -198,18 +205,19 @@ def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Ten
 
 
 def _gather(flat: torch.Tensor, start: torch.Tensor, tables: HeadTables, kind: str) -> torch.Tensor:
+    """``[..., Dc]`` float32 from element offsets ``start`` ``[R, H, ...]``; a head's padding reads 0."""
     width = tables.width["c" + kind]
-    valid = torch.arange(width, device=start.device)[None, :] < tables.item(kind, True)[3][:, None]
     index = start[..., None] + torch.arange(width, device=start.device)
-    mask = valid[None, :, None, :].expand_as(index)
-    out = torch.zeros(index.shape, dtype=torch.float32, device=start.device)
-    out[mask] = flat[index[mask]].float()
-    return out
+    mask = tables.valid[kind].view(1, -1, *(1,) * (start.dim() - 2), width)
+    dummy = tables.dummy // flat.element_size()
+    return torch.where(mask, flat[torch.where(mask, index, dummy)].float(), 0.0)
 
 
-def _scatter(flat: torch.Tensor, start: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+def _scatter(flat: torch.Tensor, start: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+             dummy: int) -> None:
+    """``flat[start + d] = values[..., d]`` where ``mask``; the other lanes write to ``dummy``."""
     index = start[..., None] + torch.arange(values.shape[-1], device=start.device)
-    flat[index[mask]] = values[mask].to(flat.dtype)
+    flat[torch.where(mask, index, dummy // flat.element_size())] = values.to(flat.dtype)
 
 
 def write_batched(
@@ -235,34 +243,31 @@ def write_batched(
     ring_row = layout.ring_index(position)
     entering = position - recent
     takes = batched & (entering >= sink)
+    middle = (entering - sink).clamp(min=0)  # before the first compression: exact, in the coef rows
+    per = layout.middle_per_row
+    stat_rows = (2 * freqs + torch.tensor([SUM, MIN, MAX], device=n.device))[None, None, :].expand(num_reqs, heads, -1)
     enter = {}
     for kind, x in zip(KINDS, (key, value)):
-        chosen = batched.nonzero().flatten()
-        cells = (slots[chosen] // layout.elem)[:, None] + tables.kept_flat[kind][None, :]
-        flat[cells] = x.reshape(num_reqs, -1)[chosen][:, tables.kept_cols[kind]].to(flat.dtype)
-        width = tables.width["c" + kind]
-        valid = torch.arange(width, device=n.device)[None, :] < tables.item(kind, False)[3][:, None]
+        kept = x.reshape(num_reqs, -1)[:, tables.kept_cols[kind]]
+        cells = (slots // layout.elem)[:, None] + tables.kept_flat[kind][None, :]
+        flat[torch.where(batched[:, None], cells, tables.dummy // layout.elem)] = kept.to(flat.dtype)
+        valid = tables.valid[kind][None]
         ring = row_addresses(arena, tables, kind, False, rows, ring_row[:, None, None].expand(-1, heads, 1))[..., 0]
-        entered = _gather(flat, (ring // layout.elem)[:, :, None], tables, kind)[:, :, 0]
+        entered = _gather(flat, ring // layout.elem, tables, kind)  # the leaving token, read first
         entered = torch.where(takes[:, None, None], entered, 0.0)  # other rows may hold garbage
         enter[kind] = entered
         new = gather_dims(x.float(), tables.compressed[kind])
-        _scatter(flat, ring // layout.elem, new, valid[None] & batched[:, None, None])
-        if not bool(takes.any()):
-            continue
-        stat_rows = 2 * freqs + torch.tensor([SUM, MIN, MAX], device=n.device)
-        addr = row_addresses(arena, tables, kind, True, rows, stat_rows[None, None, :].expand(num_reqs, heads, -1))
+        _scatter(flat, ring // layout.elem, new, valid & batched[:, None, None], tables.dummy)
+        addr = row_addresses(arena, tables, kind, True, rows, stat_rows)
         stats = _gather(flat32, addr // 4, tables, kind)  # [R, H, 3, Dc]
         stats[:, :, 0] += entered
         stats[:, :, 1] = torch.minimum(stats[:, :, 1], entered)
         stats[:, :, 2] = torch.maximum(stats[:, :, 2], entered)
-        _scatter(flat32, addr // 4, stats, (valid[None, :, None, :] & takes[:, None, None, None]).expand_as(stats))
-        # Before the first compression the middle stays exact, in the coefficient rows.
-        middle = (entering - sink).clamp(min=0)
-        per = layout.middle_per_row
+        _scatter(flat32, addr // 4, stats, (valid[:, :, None] & takes[:, None, None, None]).expand_as(stats),
+                 tables.dummy)
         addr = row_addresses(arena, tables, kind, True, rows, (middle // per)[:, None, None].expand(-1, heads, 1))[..., 0]
-        addr = addr + (middle % per)[:, None] * tables.item(kind, True)[3][None, :] * layout.elem
-        _scatter(flat, addr // layout.elem, entered, valid[None] & (takes & ~was)[:, None, None])
+        addr = addr + (middle % per)[:, None] * tables.table[None, :, (kernels.COEF_K if kind == "k" else kernels.COEF_V) + 3] * layout.elem
+        _scatter(flat, addr // layout.elem, entered, valid & (takes & ~was)[:, None, None], tables.dummy)
     return enter
 
 

@@ -49,6 +49,10 @@ def pow2(x: int, least: int = 16) -> int:
     return max(least, 1 << max(int(x) - 1, 0).bit_length())
 
 
+def round_up(x: int, multiple: int) -> int:
+    return -(-int(x) // multiple) * multiple
+
+
 @triton.jit
 def _row_address(Table, BlockTable, Base, h, req_row, rows, item: tl.constexpr,
                  reserved, block_stride, mask):
@@ -258,12 +262,16 @@ def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, 
     chunk = triton.cdiv(tiles, splits) * BLOCK_N
     splits = triton.cdiv(longest, chunk)
     wk, dk, wv, dv = (pow2(w) for w in widths)
+    # Triton compiles a kernel per divisibility of its integer arguments (strides included), so
+    # buffers sized by the longest request are padded to multiples of 16: one compiled kernel
+    # serves every step instead of a new one whenever the longest request grows.
+    tiles_padded, splits_padded = round_up(tiles, 16), round_up(splits, 16)
     p = torch.zeros(num_reqs, num_heads, spec.shape[-1], device=dev)
-    tile_max = torch.full((num_reqs, num_heads, tiles), float("-inf"), device=dev)
-    acc_k = torch.zeros(num_reqs, num_heads, splits, wv, device=dev)
-    acc_c = torch.zeros(num_reqs, num_heads, splits, dv, device=dev)
-    m = torch.full((num_reqs, num_heads, splits), float("-inf"), device=dev)
-    l = torch.zeros(num_reqs, num_heads, splits, device=dev)  # noqa: E741
+    tile_max = torch.full((num_reqs, num_heads, tiles_padded), float("-inf"), device=dev)
+    acc_k = torch.zeros(num_reqs, num_heads, splits_padded, wv, device=dev)
+    acc_c = torch.zeros(num_reqs, num_heads, splits_padded, dv, device=dev)
+    m = torch.full((num_reqs, num_heads, splits_padded), float("-inf"), device=dev)
+    l = torch.zeros(num_reqs, num_heads, splits_padded, device=dev)  # noqa: E741
     _decode_pass[(num_reqs, num_kv, splits)](
         cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
         chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
