@@ -56,14 +56,17 @@ def round_up(x: int, multiple: int) -> int:
 @triton.jit
 def _row_address(Table, BlockTable, Base, h, req_row, rows, item: tl.constexpr,
                  reserved, block_stride, mask):
-    """Byte address of ``rows`` of a state item of KV head ``h`` (rows never straddle pages)."""
-    first = tl.load(Table + h * 20 + item)
-    per_page = tl.load(Table + h * 20 + item + 1)
+    """Byte address of ``rows`` of a state item of KV head ``h`` (rows never straddle pages).
+
+    Row, page and block indices are int32 (GPUs emulate 64-bit division, and these divide per
+    position); only the byte address is 64-bit."""
+    first = tl.load(Table + h * 20 + item).to(tl.int32)
+    per_page = tl.minimum(tl.load(Table + h * 20 + item + 1), 1 << 30).to(tl.int32)
     row_bytes = tl.load(Table + h * 20 + item + 2)
     page = first + rows // per_page
     block = tl.load(BlockTable + req_row + page % reserved, mask=mask, other=0).to(tl.int64)
     base = tl.load(Base + page // reserved, mask=mask, other=0)
-    return base + block * block_stride + (rows % per_page) * row_bytes
+    return base + block * block_stride + (rows % per_page).to(tl.int64) * row_bytes
 
 
 @triton.jit
@@ -84,7 +87,7 @@ def _coef_pass(
     active = (flags >> 1) & 1  # int scalars: a bool scalar cannot mask a vector in the interpreter
     update = (flags & 1) != 0
     width = tl.load(Table + h * 20 + WIDTH)
-    n = tl.load(SeqLens + r).to(tl.int64)
+    n = tl.load(SeqLens + r)
     t = n - 1 - recent - sink  # middle index of the token that left the recent window
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < width
@@ -103,13 +106,12 @@ def _coef_pass(
     for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = (rows < ROWS) & (rows * 0 + active != 0)
-        addr = _row_address(Table, BlockTable, Base, h, req_row, rows.to(tl.int64), ITEM, reserved,
-                            block_stride, mask_r)
+        addr = _row_address(Table, BlockTable, Base, h, req_row, rows, ITEM, reserved, block_stride, mask_r)
         ptrs = Cache32 + (addr // 4)[:, None] + offs_d[None, :]
         mask = mask_r[:, None] & mask_d[None, :]
         coef = tl.load(ptrs, mask=mask, other=0.0)
         if update:
-            freq = (rows // 2).to(tl.int64)
+            freq = rows // 2  # freq * t < 512 * window stays in int32 for windows below 4M tokens
             angle = ((freq * t) % window).to(tl.float32) * (6.283185307179586 / window)
             basis = tl.where(rows % 2 == 0, tl.cos(angle), tl.sin(angle))
             coef = coef + basis[:, None] * enter[None, :]
@@ -139,7 +141,7 @@ def _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_p
     ring = _row_address(Table, BlockTable, Base, h, req_row, ring_row, RING, reserved, block_stride, is_ring)
     t = tl.maximum(offs - sink, 0)
     pre = _row_address(Table, BlockTable, Base, h, req_row, t // per, COEF, reserved, block_stride, is_pre)
-    pre += (t % per) * width * ELEM
+    pre += ((t % per) * width * ELEM).to(tl.int64)
     addr = tl.where(is_ring, ring, pre)
     mask = (is_ring | is_pre)[:, None] & (offs_d < width)[None, :]
     return tl.load(CacheM + (addr // ELEM)[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -160,7 +162,7 @@ def _decode_pass(
     r = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    n = tl.load(SeqLens + r).to(tl.int64)
+    n = tl.load(SeqLens + r)
     compressed = (tl.load(Flags + r) >> 1) & 1
     middle_end = sink + tl.maximum(n - sink - recent, 0)
     start = split * chunk
@@ -183,10 +185,10 @@ def _decode_pass(
     acc_c = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     req_row = r * stride_b
     for s0 in range(start, end, BLOCK_N):
-        offs = s0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs = s0 + tl.arange(0, BLOCK_N)  # int32: positions, blocks and rows divide in 32 bits
         valid = offs < end
         block = tl.load(BlockTable + req_row + reserved + offs // block_size, mask=valid, other=0).to(tl.int64)
-        slot = block * block_stride + (offs % block_size) * slot_stride  # bytes, within a view
+        slot = block * block_stride + (offs % block_size).to(tl.int64) * slot_stride  # bytes, within a view
         in_middle = valid & (offs >= sink) & (offs < middle_end)
         is_mid = in_middle & (offs * 0 + compressed != 0)
         is_pre = in_middle & (offs * 0 + compressed == 0)
