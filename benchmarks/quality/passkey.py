@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,13 +114,13 @@ def heat_map(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt tokens")
-        ax.set_title(name, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(name, 36)), fontsize=7)  # labels carry their options
         for i in range(len(depths)):
             for j in range(len(lengths)):
                 ax.text(j, i, f"{grid[i][j]:.0%}", ha="center", va="center", fontsize=7)
     axes[0][0].set_ylabel("passkey depth")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"passkey retrieval, {result['model_name']}", fontsize=9)
+    fig.suptitle(f"passkey retrieval, {result['model_name']}", fontsize=9, y=1.08)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
