@@ -106,3 +106,22 @@ def test_spec_and_layout(tiny_llama, dims_dir) -> None:
                     assert not pages & taken and item.rows_per_page * item.row_bytes <= layout.page_bytes
                     taken |= pages
     assert max(taken) < layout.num_layers * layout.reserved_blocks
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"freqs": 512}, "nothing would be compressed"),
+    ({"window": 100}, "the basis would repeat"),
+    ({"sink": "four"}, "option 'sink'"),
+    ({"budget": 2048}, "unknown option 'budget'"),
+])
+def test_bad_options_are_refused_when_vllm_builds_its_config(tiny_llama, dims_dir, options, message) -> None:
+    # The check vLLM runs in the API process before any engine starts (selection.validate_vllm_config).
+    with pytest.raises(Exception, match=message):
+        make_config(tiny_llama, dims_dir, **options)
+
+
+def test_dims_of_another_model_are_refused(tiny_llama, tmp_path) -> None:
+    dims = files.random_dims(tiny_llama, seed=0, sink=SINK, recent=RECENT, freqs=FREQS)
+    files.write(dims.model_copy(update={"num_kv_heads": HK + 1}), tmp_path)
+    with pytest.raises(Exception, match="run `kvfold calibrate fourier` for this model"):
+        make_config(tiny_llama, tmp_path)
