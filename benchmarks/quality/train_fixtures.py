@@ -52,6 +52,8 @@ class Batches:
         self.data = data
         self.tokens = self.lut[torch.frombuffer(bytearray(data), dtype=torch.uint8).long()]
         self.seq_len, self.passkey_fraction = seq_len, passkey_fraction
+        if passkey_fraction > 0 and seq_len < 320:
+            raise ValueError(f"--seq-len {seq_len}: a passkey sample needs at least 320 tokens")
         self.rng = random.Random(seed)
 
     def ids(self, text: bytes) -> torch.Tensor:
