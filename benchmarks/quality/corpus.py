@@ -21,6 +21,7 @@ import hashlib
 import lzma
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 HELDOUT_MODULUS = 20
 SEPARATOR = b"\n\n"
@@ -46,6 +47,17 @@ def byte_token_ids() -> list[int]:
     chars = gpt2_byte_chars()
     rank = {c: i for i, c in enumerate(sorted(chars))}
     return [NUM_SPECIAL_TOKENS + rank[c] for c in chars]
+
+
+class ByteTokenizer:
+    """The byte tokenizer's encoding as a callable with the transformers call signature the passkey
+    prompt builder uses, without the tokenizers package (the training machine has plain torch)."""
+
+    def __init__(self) -> None:
+        self.ids = byte_token_ids()
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[self.ids[b] for b in text.encode()])
 
 
 def is_heldout(relative_path: str) -> bool:

@@ -29,23 +29,37 @@ from pathlib import Path
 from typing import Any
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it "
+         "and memorize it. I will quiz you about the pass key.\n")
 QUESTION = "What is the pass key? The pass key is"
 
 
-def build_prompt(tokenizer: Any, length: int, depth: float, key: int) -> list[int]:
-    """Token ids of a prompt of about ``length`` tokens with the key at ``depth`` (0 = start)."""
-    intro = tokenizer("There is an important pass key hidden inside a lot of irrelevant text. Find it "
-                      "and memorize it. I will quiz you about the pass key.\n", add_special_tokens=False).input_ids
-    needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ",
-                       add_special_tokens=False).input_ids
-    question = tokenizer("\n" + QUESTION, add_special_tokens=False).input_ids
-    filler = tokenizer(FILLER, add_special_tokens=False).input_ids
-    room = length - len(intro) - len(needle) - len(question)
+def needle(key: int) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def build_prompt(tokenizer: Any, length: int, depth: float, key: int,
+                 hay: Sequence[int] | None = None) -> list[int]:
+    """Token ids of a prompt of about ``length`` tokens with the key at ``depth`` (0 = start).
+
+    The haystack is FILLER repeated, or the first tokens of ``hay`` (the fixtures' training mix
+    also uses real text).
+    """
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    intro, pin, question = ids(INTRO), ids(needle(key)), ids("\n" + QUESTION)
+    room = length - len(intro) - len(pin) - len(question)
     if room <= 0:
         raise ValueError(f"length {length} leaves no room for filler")
-    hay = (filler * (room // len(filler) + 1))[:room]
+    if hay is None:
+        filler = ids(FILLER)
+        hay = filler * (room // len(filler) + 1)
+    hay = list(hay[:room])
+    if len(hay) < room:
+        raise ValueError(f"{len(hay)} haystack tokens for {room} places")
     at = int(round(depth * room))
-    return intro + hay[:at] + needle + hay[at:] + question
+    return intro + hay[:at] + pin + hay[at:] + question
 
 
 def answer_key(text: str) -> int | None:

@@ -37,10 +37,8 @@ import torch.nn.functional as F
 
 from benchmarks.quality import corpus
 from benchmarks.quality.fixture_model import FixtureConfig, FixtureLM
-from benchmarks.quality.passkey import FILLER, QUESTION
+from benchmarks.quality.passkey import FILLER, INTRO, QUESTION, build_prompt, needle
 
-INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it "
-         "and memorize it. I will quiz you about the pass key.\n")
 VARIANTS = {"rope": False, "rope_pp": True}
 
 
@@ -68,16 +66,16 @@ class Batches:
         length = self.rng.randint(256, n - 64)
         key = self.rng.randint(10000, 99999)
         intro, question = self.ids(INTRO.encode()), self.ids(("\n" + QUESTION).encode())
-        needle = self.ids(f" The pass key is {key}. Remember it. {key} is the pass key. ".encode())
+        pin = self.ids(needle(key).encode())
         answer = self.ids(f" {key}.".encode())
-        room = length - len(intro) - len(needle) - len(question)
+        room = length - len(intro) - len(pin) - len(question)
         if self.rng.random() < 0.5:
             filler = self.ids(FILLER.encode())
             hay = filler.repeat(room // len(filler) + 1)[:room]
         else:
             hay = self.text(room)
         at = round(self.rng.random() * room)
-        prompt = torch.cat((intro, hay[:at], needle, hay[at:], question))
+        prompt = torch.cat((intro, hay[:at], pin, hay[at:], question))
         return torch.cat((prompt, answer)), len(prompt)
 
     def draw(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,18 +139,14 @@ def evaluate(models: dict[str, FixtureLM], heldout: bytes, batches: Batches, len
                 "by_quarter": [chunk.mean().item() for chunk in per.chunk(buckets, dim=1)],
             }
     keys = random.Random(99)
+    tokenizer = corpus.ByteTokenizer()
+    decode = {t: b for b, t in enumerate(tokenizer.ids)}
     for n in lengths:
         for depth in depths:
             prompts = []
             for _ in range(trials):
                 key = keys.randint(10000, 99999)
-                intro, question = batches.ids(INTRO.encode()), batches.ids(("\n" + QUESTION).encode())
-                needle = batches.ids(f" The pass key is {key}. Remember it. {key} is the pass key. ".encode())
-                filler = batches.ids(FILLER.encode())
-                room = n - len(intro) - len(needle) - len(question)
-                hay = filler.repeat(room // len(filler) + 1)[:room]
-                at = round(depth * room)
-                prompts.append((torch.cat((intro, hay[:at], needle, hay[at:], question)), key))
+                prompts.append((torch.tensor(build_prompt(tokenizer, n, depth, key)), key))
             for name, model in models.items():
                 correct = 0
                 for prompt, key in prompts:
@@ -163,8 +157,7 @@ def evaluate(models: dict[str, FixtureLM], heldout: bytes, batches: Batches, len
                             nxt = model(ids)[0, -1].argmax()
                         out.append(int(nxt))
                         ids = torch.cat((ids, nxt.view(1, 1)), dim=1)
-                    inverse = {t: b for b, t in enumerate(corpus.byte_token_ids())}
-                    text = bytes(inverse.get(t, 63) for t in out).decode("latin-1")
+                    text = bytes(decode.get(t, 63) for t in out).decode("latin-1")
                     correct += str(key) in text
                 result[name]["passkey"][f"{n}@{depth}"] = correct / trials
     return result
