@@ -32,6 +32,15 @@ class KvCapacity:
     max_concurrency: float
 
 
+def parse_capacity(log: str) -> KvCapacity:
+    """vLLM's KV-capacity report from a server's or an engine's log."""
+    match = CAPACITY_LINE.search(log)
+    if match is None:
+        raise RuntimeError("vLLM logged no KV cache size line")
+    tokens, max_len, conc = match.groups()
+    return KvCapacity(int(tokens.replace(",", "")), int(max_len.replace(",", "")), float(conc))
+
+
 def wait_until_ready(
     url: str, process: subprocess.Popen, timeout: float, log_tail: Callable[[], str]
 ) -> None:
@@ -139,11 +148,7 @@ class Server:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def capacity(self) -> KvCapacity:
-        match = CAPACITY_LINE.search(self.log_text())
-        if match is None:
-            raise RuntimeError("vLLM logged no KV cache size line")
-        tokens, max_len, conc = match.groups()
-        return KvCapacity(int(tokens.replace(",", "")), int(max_len.replace(",", "")), float(conc))
+        return parse_capacity(self.log_text())
 
     def complete(self, prompt: str | list[int], max_tokens: int = 16) -> dict:
         served = requests.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]

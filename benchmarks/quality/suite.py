@@ -45,7 +45,7 @@ from typing import Any
 from benchmarks.backends import sliding_window_overrides
 from benchmarks.quality import corpus
 from benchmarks.quality.passkey import build_prompt
-from kvfold.serving import CAPACITY_LINE
+from kvfold.serving import parse_capacity
 
 HELDOUT = Path(__file__).resolve().parent / "fixtures" / "heldout.txt.xz"
 DEFAULT_CONFIGS = "dense,window1024,window2048,treekv1024,treekv2048,vqkv,fourier,fourier-small"
@@ -181,12 +181,9 @@ def run_engine(llm: dict[str, Any], windows: dict[int, list[list[int]]], passkey
 
 
 def capacity(log: str) -> dict[str, float]:
-    found = CAPACITY_LINE.findall(log)
-    if not found:
-        raise RuntimeError("vLLM's KV capacity line is missing from the engine log")
-    tokens, max_len, concurrency = found[-1]
-    return {"kv_cache_tokens": int(tokens.replace(",", "")), "max_model_len": int(max_len.replace(",", "")),
-            "max_concurrency": float(concurrency)}
+    report = parse_capacity(log)
+    return {"kv_cache_tokens": report.tokens, "max_model_len": report.max_model_len,
+            "max_concurrency": report.max_concurrency}
 
 
 def evaluate_model(model: Path, configs: Sequence[str], lengths: Sequence[int], windows: int,

@@ -62,7 +62,11 @@ class Batches:
         return self.tokens[start:start + n]
 
     def passkey(self, n: int) -> tuple[torch.Tensor, int]:
-        """A prompt of the harness's format of about ``length`` tokens + answer, and the answer's start."""
+        """A prompt of the harness's format of about ``length`` tokens + answer, and the answer's start.
+
+        The same pieces as ``passkey.build_prompt`` (tested equal), assembled here in the order of
+        random draws the committed fixtures were trained with (the haystack text before the depth).
+        """
         length = self.rng.randint(256, n - 64)
         key = self.rng.randint(10000, 99999)
         intro, question = self.ids(INTRO.encode()), self.ids(("\n" + QUESTION).encode())
