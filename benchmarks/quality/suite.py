@@ -175,9 +175,11 @@ def run_engine(llm: dict[str, Any], windows: dict[int, list[list[int]]], passkey
         rc = subprocess.run([sys.executable, "-m", "benchmarks.quality.suite", "--engine", str(spec), str(out)],
                             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env}).returncode
     text = log.read_text()
-    if rc != 0:
+    if not out.is_file():
         raise RuntimeError(f"engine failed (exit {rc}): {text[-3000:]}")
-    return json.loads(out.read_text()), text
+    # The results file is written after the last request; an engine that then dies in its
+    # teardown (seen once: "terminate called without an active exception") measured everything.
+    return {**json.loads(out.read_text()), "exit_code": rc}, text
 
 
 def capacity(log: str) -> dict[str, float]:
@@ -203,7 +205,9 @@ def evaluate_model(model: Path, configs: Sequence[str], lengths: Sequence[int], 
     prompts = [build_prompt(tokenizer, n, d, key) for n, d, key in cases]
     texts = heldout_windows(lengths, windows, args.seed)
     max_len = max([*lengths, *(len(p) + 16 for p in prompts)]) + 1
-    entry.update(trained_context=fixture.get("trained_context"), config=config, runs={}, calibration={})
+    entry.update(trained_context=fixture.get("trained_context"), config=config)
+    entry.setdefault("runs", {})
+    entry.setdefault("calibration", {})
     calibrated = args.calibration_dir / model.name
     for label in configs:
         if needed := calibration(label, calibrated):
@@ -212,6 +216,8 @@ def evaluate_model(model: Path, configs: Sequence[str], lengths: Sequence[int], 
             entry["calibration"][needed[0]] = {"dir": str(needed[1]), "args": extra}
     with tempfile.TemporaryDirectory() as tmp:
         for label in tqdm(configs, desc=model.name, unit="config"):
+            if "perplexity" in entry["runs"].get(label, {}):
+                continue  # measured by the run --resume continues
             llm = {"model": str(model), "max_model_len": max_len, "enforce_eager": True, "dtype": args.dtype,
                    "enable_prefix_caching": False, "max_num_batched_tokens": args.chunk,
                    "enable_chunked_prefill": True, "max_num_seqs": args.max_num_seqs,
@@ -227,7 +233,8 @@ def evaluate_model(model: Path, configs: Sequence[str], lengths: Sequence[int], 
                 continue
             run: dict[str, Any] = {"kind": "baseline" if label in ("dense", "fp8") or label.startswith("window")
                                    else "kvfold", "llm": llm, **capacity(log),
-                                   "perplexity": out["perplexity"], "seconds": out["seconds"]}
+                                   "perplexity": out["perplexity"], "seconds": out["seconds"],
+                                   "engine_exit_code": out["exit_code"]}
             if cases:
                 hits = [retrieved(t, key) for t, (_, _, key) in zip(out["passkey_texts"], cases)]
                 run["passkey"] = {f"{n}@{d}": sum(h for h, c in zip(hits, cases) if c[:2] == (n, d)) / trials
@@ -271,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calibrate-args", action="append", default=[], metavar="METHOD=ARGS",
                    help="replace CALIBRATE[METHOD]'s kvfold calibrate arguments, e.g. 'vqkv=--tokens 8192'")
     p.add_argument("--out", type=Path, required=True, help="OUT.json, OUT-perplexity.png, OUT-passkey.png")
+    p.add_argument("--resume", action="store_true",
+                   help="keep OUT.json's measured configurations, run the missing or failed ones")
     args = p.parse_args(argv)
     args.calibrate_args = {m: shlex.split(a) for m, _, a in (x.partition("=") for x in args.calibrate_args)}
 
@@ -287,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"kind": "quality", "command": [sys.executable, "-m", "benchmarks.quality.suite", *argv],
                               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "chunk": args.chunk,
                               "lengths": lengths, "passkey_lengths": passkey_lengths, "depths": depths,
-                              "trials": args.trials, "windows": args.windows, "dtype": args.dtype, "models": {}}
+                              "trials": args.trials, "windows": args.windows, "dtype": args.dtype, "seed": args.seed,
+                              "models": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -302,8 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 heat_map({"backends": ran, "lengths": passkey_lengths, "depths": depths, "model_name": name},
                          args.out.parent / f"{args.out.name}-passkey-{name}.png")
 
+    if args.resume and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        same = ("lengths", "passkey_lengths", "depths", "trials", "windows", "chunk", "dtype", "seed")
+        if any(previous.get(k) != result[k] for k in same):
+            raise SystemExit(f"--resume: {args.out}.json was measured with other {'/'.join(same)}")
+        result["models"] = previous["models"]
     for model in models:
-        result["models"][model.name] = {}
+        result["models"].setdefault(model.name, {})
         evaluate_model(model, configs, lengths, args.windows, passkey_lengths, depths, args.trials, args,
                        result["models"][model.name], save)
     return 0
