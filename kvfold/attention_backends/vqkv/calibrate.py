@@ -224,13 +224,13 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype, device: str, num
         text.num_hidden_layers = num_layers
         if getattr(text, "layer_types", None):
             text.layer_types = text.layer_types[:num_layers]
-    # Quiet: the layers left out would be reported as unexpected weights, and the loading bar
-    # would interleave with the calibration's own.
     from kvfold.models.rope_pp.hf_model import is_rope_pp, load_rope_pp
 
     if is_rope_pp(config):  # transformers' Llama does not fit a RoPE++ checkpoint's weights
         model = load_rope_pp(model_dir, config, _torch_dtype(dtype))
         return model.to(device).eval()
+    # Quiet: the layers left out would be reported as unexpected weights, and the loading bar
+    # would interleave with the calibration's own.
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=_torch_dtype(dtype))
     return model.to(device).eval()
