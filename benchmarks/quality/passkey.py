@@ -62,13 +62,19 @@ def build_prompt(tokenizer: Any, length: int, depth: float, key: int,
     return intro + hay[:at] + pin + hay[at:] + question
 
 
-def answer_key(text: str) -> int | None:
+def first_number(text: str) -> str:
+    """The first run of digits in ``text`` ("" if none)."""
     digits = ""
     for ch in text:
         if ch.isdigit():
             digits += ch
         elif digits:
             break
+    return digits
+
+
+def answer_key(text: str) -> int | None:
+    digits = first_number(text)
     return int(digits) if len(digits) == 5 else None
 
 

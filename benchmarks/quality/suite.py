@@ -44,7 +44,7 @@ from typing import Any
 
 from benchmarks.backends import sliding_window_overrides
 from benchmarks.quality import corpus
-from benchmarks.quality.passkey import build_prompt
+from benchmarks.quality.passkey import build_prompt, first_number
 from kvfold.serving import parse_capacity
 
 HELDOUT = Path(__file__).resolve().parent / "fixtures" / "heldout.txt.xz"
@@ -119,13 +119,7 @@ def retrieved(text: str, key: int) -> bool:
     """The answer's first digits are the key. Byte-level fixtures have no end-of-number token and
     may run on ("604947" for 60494), which passkey.py's exact five-digit rule would count as a miss
     although the key was retrieved; a truncated or wrong key still fails."""
-    digits = ""
-    for ch in text:
-        if ch.isdigit():
-            digits += ch
-        elif digits:
-            break
-    return digits[:5] == str(key)
+    return first_number(text)[:5] == str(key)
 
 
 def nll_summary(per_token: Sequence[float]) -> dict[str, float]:
@@ -163,7 +157,9 @@ def _engine_main(spec_path: str, out_path: str) -> None:
                                   SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=True)
         out["passkey_texts"] = [r.outputs[0].text for r in results]
     out["seconds"]["passkey"] = time.perf_counter() - started
-    Path(out_path).write_text(json.dumps(out))
+    partial = Path(out_path).with_suffix(".partial")
+    partial.write_text(json.dumps(out))
+    partial.replace(out_path)  # whole or absent: run_engine trusts a results file that exists
 
 
 def run_engine(llm: dict[str, Any], windows: dict[int, list[list[int]]], passkey: list[list[int]],
