@@ -16,7 +16,9 @@ from kvfold.attention_backends.paged.attention import causal_gqa_attention
 from kvfold.attention_backends.vqkv.kernels import (
     decode_attention,
     decode_attention_torch,
+    key_codebook_matrix,
     key_tables,
+    value_codebook,
 )
 from kvfold.attention_backends.vqkv.reference import (
     CODEBOOK_SIZE,
@@ -111,6 +113,22 @@ def test_key_tables_score_the_decoded_keys() -> None:
     index = tokens[:, : books.key_codes].long()  # [L, key_codes]
     scores = tables[0, 0].gather(-1, index.T).sum(0)  # sum_j table[j, code_j]
     torch.testing.assert_close(scores, key @ query[0, 0].float(), atol=1e-4, rtol=1e-5)
+
+
+def test_codebooks_made_in_inference_mode_are_converted_once() -> None:
+    # In an engine the codebooks reach the device inside vLLM's forward (inference mode), and
+    # inference tensors have no version counter: the first decode step beyond the window on an
+    # H200 died on reading it ("Inference tensors do not track version counter").
+    with torch.inference_mode():
+        books = make_books(64, 2, 4, torch.Generator().manual_seed(5))
+    cpu = torch.device("cpu")
+    matrix = key_codebook_matrix(books, cpu)
+    assert key_codebook_matrix(books, cpu) is matrix
+    assert value_codebook(books, cpu, torch.bfloat16) is value_codebook(books, cpu, torch.bfloat16)
+    query = torch.randn(64)
+    key, _ = books.decode(torch.zeros(1, books.num_codes, dtype=torch.uint8))
+    column = (query @ matrix).view(books.key_codes, CODEBOOK_SIZE)[:, 0].sum()
+    torch.testing.assert_close(column, key[0] @ query, atol=1e-4, rtol=1e-5)
 
 
 def test_log_sum_exp_merges_ranges() -> None:

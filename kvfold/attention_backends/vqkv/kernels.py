@@ -241,8 +241,11 @@ _converted: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
 
 def _once(sources: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype, make) -> torch.Tensor:
-    """``make()``, computed once per (codebook tensors and their versions, device, dtype)."""
-    key = (*((id(t), t._version) for t in sources), str(device), dtype)
+    """``make()``, computed once per (codebook tensors and their versions, device, dtype).
+
+    Inference tensors (codebooks first moved to the device inside vLLM's forward) have no version
+    counter, and cannot be changed in place outside inference mode: their id alone is the key."""
+    key = (*((id(t), -1 if t.is_inference() else t._version) for t in sources), str(device), dtype)
     hit = _converted.get(key)
     if hit is None:
         if len(_converted) > 4096:
