@@ -105,6 +105,8 @@ class ServingRun(BaseModel):
     warmup: dict[str, Any] | None = None
     backends: dict[str, BackendResult] = Field(default_factory=dict)
     ratios: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Earlier commands whose backends this file also holds (``serving.py --append``).
+    earlier_parts: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def vllm_metrics(result: dict[str, Any]) -> dict[str, float | int | None]:
@@ -146,6 +148,26 @@ def ratios(run: ServingRun) -> dict[str, dict[str, Any]]:
             entry["workloads"][wl_name] = per
         out[name] = entry
     return out
+
+
+def append_to(earlier: ServingRun, run: ServingRun) -> ServingRun:
+    """``run`` holding ``earlier``'s backends too (``run``'s own win on a name clash).
+
+    For a comparison split over several device commands on one machine (each under the command
+    limit): ratios stay "against a baseline measured in the same run" only if model, server
+    arguments, reference and device are the same, so anything else is refused."""
+    for what in ("model", "common_server_args", "reference"):
+        if getattr(earlier, what) != getattr(run, what):
+            raise ValueError(f"cannot append: {what} differs ({getattr(earlier, what)!r} vs "
+                             f"{getattr(run, what)!r})")
+    devices = (earlier.environment.get("device"), run.environment.get("device"))
+    if devices[0] != devices[1]:
+        raise ValueError(f"cannot append: device differs {devices}")
+    part = {k: getattr(earlier, k) for k in ("date", "command", "elapsed_s", "interrupted", "warmup")}
+    merged = run.model_copy(deep=True)
+    merged.earlier_parts = [*earlier.earlier_parts, part]
+    merged.backends = {**earlier.backends, **run.backends}
+    return merged
 
 
 def save(run: ServingRun, path: str | Path) -> None:

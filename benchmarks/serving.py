@@ -90,6 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "or after --warmup-timeout")
     p.add_argument("--warmup-timeout", type=float, default=150.0)
     p.add_argument("--out", type=Path, help="result JSON; default docs/benchmarks/serving-MODEL.json")
+    p.add_argument("--append", action="store_true",
+                   help="keep the backends already in --out (same model, server arguments, "
+                        "reference and device, else refused): one comparison over several commands")
     p.add_argument("--log-dir", type=Path, help="server and client logs; default OUT's name + -logs")
     server = p.add_argument_group("server arguments (every backend)")
     server.add_argument("--dtype", default="bfloat16")
@@ -471,6 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.environment = env_info.collect()
     ctx.gpu_memory_baseline_mib = env_info.gpu_memory_used_mib() or 0.0
     run.environment["gpu_memory_used_at_start_mib"] = ctx.gpu_memory_baseline_mib
+    if args.append and args.out.is_file():
+        from benchmarks.results import append_to, load
+
+        ctx.run = run = append_to(load(args.out), run)
+        ctx.log(f"appending to {args.out}: keeps {sorted(run.backends)}")
     ctx.log(f"environment: {run.environment.get('device', 'no CUDA device')}, vllm {run.environment.get('vllm')}, "
             f"torch {run.environment.get('torch')}")
     ctx.save()

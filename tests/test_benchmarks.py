@@ -235,6 +235,25 @@ def test_vllm_result_parsing_and_ratios(tmp_path: Path) -> None:
     serving.print_table(again)  # the summary printed at the end of a run
 
 
+def test_append_keeps_the_earlier_command_and_refuses_another_setup() -> None:
+    first = _run()
+    first.environment = {"device": "NVIDIA H200"}
+    first.backends["FLASH_ATTN"] = _backend("FLASH_ATTN", 400_000, 12.2, 1.0)
+    second = _run()
+    second.date, second.environment = "2026-01-02", {"device": "NVIDIA H200"}
+    second.backends["KVFOLD_VQKV"] = _backend("KVFOLD_VQKV", 5_200_000, 32.0, 1.5)
+    merged = results.append_to(first, second)
+    assert list(merged.backends) == ["FLASH_ATTN", "KVFOLD_VQKV"]
+    assert [p["date"] for p in merged.earlier_parts] == ["2026-01-01"] and merged.date == "2026-01-02"
+    assert math.isclose(results.ratios(merged)["KVFOLD_VQKV"]["kv_tokens"], 13.0)
+    assert first.backends.keys() == {"FLASH_ATTN"}  # the inputs are left as they were
+    for field, value in (("environment", {"device": "NVIDIA H100"}), ("reference", "TRITON_ATTN"),
+                         ("common_server_args", ["--enforce-eager"])):
+        other = second.model_copy(update={field: value})
+        with pytest.raises(ValueError, match="cannot append"):
+            results.append_to(first, other)
+
+
 def test_prometheus_text_parsing() -> None:
     text = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
