@@ -9,6 +9,8 @@ within its budget (exact) with TRITON_ATTN in float32, runs prompts far beyond t
 serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases and the paged
 decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
 Triton decode kernel over codes against its torch specification (tests/test_vqkv_kernels.py) on CUDA.
+"serve" serves KVFOLD_VQKV and KVFOLD_FOURIER in bfloat16 with `kvfold serve` and sends prompts far
+beyond their exact windows (random codebooks / dims: the serving mechanics do not depend on them).
 """
 
 from __future__ import annotations
@@ -158,7 +160,55 @@ def check_vqkv(out: Path, model: Path) -> dict:
     return report
 
 
-def main(out_dir: str, which: str = "dense") -> None:
+def check_serve(out: Path, model: Path, only: str | None = None) -> dict:
+    """KVFOLD_VQKV and KVFOLD_FOURIER served in bfloat16 with prompts far beyond the exact window."""
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+
+    from kvfold.attention_backends.fourier import calibrate as fourier_files
+    from kvfold.attention_backends.vqkv import codebooks as vqkv_files
+    from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook, rope_branches
+    from kvfold.serving import Server
+
+    books, dims = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    vqkv_files.write_manifest(books, vqkv_files.CodebookManifest(
+        num_layers=2, num_kv_heads=2, head_size=64, head_size_v=64, key_stages=4, value_stages=8))
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        key = [ResidualCodebook(d, torch.randn(4, 256, len(d), generator=g) / 4) for d in rope_branches(64)]
+        value = ResidualCodebook(torch.arange(64), torch.randn(8, 256, 64, generator=g) / 8)
+        vqkv_files.save_layer(books, layer, LayerCodebooks(64, 64, key, value))
+    fourier_files.write(fourier_files.random_dims(model, seed=0, sink=4, recent=60, freqs=16,
+                                                  fractions=(0.8, 0.8)), dims)
+    methods = {
+        "KVFOLD_VQKV": {"codebooks": str(books), "sink": 4, "recent": 60},
+        "KVFOLD_FOURIER": {"dims": str(dims), "sink": 4, "recent": 60, "freqs": 16},
+    }
+    report: dict = {}
+    for name, options in methods.items():
+        if only and name != only:
+            continue
+        try:
+            with Server(model, ["--attention-backend", name, "--additional-config",
+                                json.dumps({"kvfold": options}), "--no-enable-prefix-caching",
+                                "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024",
+                                "--max-num-batched-tokens", "128", "--gpu-memory-utilization", "0.3"],
+                        out / f"serve_{name}.log") as server:
+                done = [server.complete(p, max_tokens=32)["usage"] for p in (PROMPTS[3] * 3, PROMPTS[2] * 2)]
+                metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+                report[name] = {
+                    "usage": done,
+                    "kvfold_lines": [line for line in metrics.splitlines() if line.startswith("kvfold:")],
+                    "capacity": server.capacity().__dict__,
+                }
+            report[name]["exit_code"] = server.process.returncode
+            report[name]["stragglers"] = server.stragglers
+        except Exception as exc:  # reported, not hidden
+            report[name] = {"error": repr(exc)}
+    return report
+
+
+def main(out_dir: str, which: str = "dense", only: str | None = None) -> None:
     from kvfold.serving import Server
     from kvfold.tiny_model import write_tiny_model
 
@@ -166,8 +216,9 @@ def main(out_dir: str, which: str = "dense") -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
-    if which in ("treekv", "kernels", "vqkv"):
-        report = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv}[which](out, model)
+    checks = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv, "serve": check_serve}
+    if which in checks:
+        report = checks[which](out, model, only) if which == "serve" else checks[which](out, model)
         (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         return
@@ -204,4 +255,4 @@ def main(out_dir: str, which: str = "dense") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
