@@ -16,6 +16,17 @@ HERE = Path(__file__).resolve().parent
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # vLLM's CPU worker binds its OpenMP threads to core 0 ("auto") in every engine, so the
+    # engines of two xdist workers computed on one core while the other idled (a pair of
+    # generation-heavy engines: 77 s together, 60 s bound apart, on 2 cores). Each xdist worker's
+    # engines (and servers, inherited through the environment) get a core of their own.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cores) > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 from process start (run by "
                             "tests/test_triton_interpreter.py)")

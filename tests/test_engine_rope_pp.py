@@ -99,8 +99,10 @@ def worst_errors(run, ref) -> tuple[float, float]:
     return prompt, steps
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["eh", "ec"])
+# Both variants on vLLM's CPU backend, and EH (query heads 2x per KV head) on kvfold's dense
+# backend too; the model class is the same whatever the backend, so EC on KVFOLD_DENSE would add an
+# engine start (~70 s of CI) and no code path.
+@pytest.mark.parametrize(("name", "backend"), [("eh", "CPU_ATTN"), ("eh", "KVFOLD_DENSE"), ("ec", "CPU_ATTN")])
 def test_logits_and_greedy_match_the_reference(engine, reference, name, backend) -> None:
     run = engine(name, backend)
     assert run["model_class"] == KVFOLD_CLASS
