@@ -24,6 +24,7 @@ from kvfold.attention_backends.vqkv import codebooks as files
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.options import VQKVOptions
 from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
+from kvfold.attention_backends.vqkv.rebuild import rebuild
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
 from kvfold.options import KvfoldConfigError
 
@@ -157,7 +158,7 @@ def read_past(
     positions = torch.arange(computed, device=cache.device)
     rows = row.expand(computed, -1)
     blocks, slots = layout.code_cells(rows, positions)
-    key, value = books.decode(read_cells(cache, blocks, slots)[..., : layout.num_codes])
+    key, value = rebuild(read_cells(cache, blocks, slots)[..., : layout.num_codes], books)
     exact = positions[(positions < layout.sink) | (positions >= computed - layout.recent)]
     if exact.numel():
         blocks, slots = layout.ring_cells(row.expand(exact.numel(), -1), layout.ring_index(exact))
