@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,14 +74,61 @@ class EngineRun:
         return self.result[key]
 
 
+def _settled(env: dict) -> dict:
+    """The environment an engine server's import depends on: all of it but pytest's note of the
+    running test (which changes with every test; the server passes it on to each run)."""
+    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+class EngineServer:
+    """``engine_driver.py --serve`` in one environment: runs a spec in a child forked after the
+    driver's vLLM import, so an engine run costs no API-process import (~15 s of CPU each)."""
+
+    def __init__(self, env: dict, cwd: Path) -> None:
+        self.env, self.stderr = env, cwd / "server.log"
+        with open(self.stderr, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "engine_driver.py"), "--serve"], env=env, cwd=cwd,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def _answer(self, timeout: float | None) -> dict | None:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        assert line, f"engine server exited:\n{self.stderr.read_text()[-6000:]}"
+        return json.loads(line)
+
+    def run(self, spec_path: Path, out_path: Path, timeout: float) -> tuple[str, str, int]:
+        stdout, stderr = spec_path.with_suffix(".stdout"), spec_path.with_suffix(".stderr")
+        request = [str(spec_path), str(out_path), str(stdout), str(stderr),
+                   os.environ.get("PYTEST_CURRENT_TEST")]
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pid = self._answer(60)["pid"]
+        done = self._answer(timeout)
+        if done is None:  # as subprocess.run(timeout=...): the driver is killed, the test fails
+            os.kill(pid, signal.SIGKILL)
+            self._answer(60)
+            raise subprocess.TimeoutExpired(["engine_driver.py", str(spec_path)], timeout)
+        return stdout.read_text(), stderr.read_text(), done["returncode"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
 @pytest.fixture(scope="session")
 def run_engine(tmp_path_factory: pytest.TempPathFactory):
     """``run_engine(model, prompts, max_tokens, env={...}, **llm_kwargs) -> EngineRun``.
 
     ``full_logits=V`` also returns raw logits over the whole vocabulary (see engine_driver.py).
+    A run in the session's base environment goes through an :class:`EngineServer`; one with its
+    own ``env`` or ``plugins_first`` (state the server's import would have settled before) starts a
+    driver process of its own.
     """
     counter = iter(range(1000))
     tmp_path = tmp_path_factory.mktemp("engines")
+    servers: list[EngineServer] = []
 
     def run(model: Path, prompts: list[list[int]], max_tokens: int, *, env: dict | None = None,
             plugins_first: bool = False, full_logits: int | None = None,
@@ -90,12 +139,22 @@ def run_engine(tmp_path_factory: pytest.TempPathFactory):
                 "full_logits": full_logits}
         spec_path, out_path = tmp_path / f"spec{tag}.json", tmp_path / f"out{tag}.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "engine_driver.py"), str(spec_path), str(out_path)],
-            env={**os.environ, **ENGINE_ENV, **(env or {})}, capture_output=True, text=True,
-            timeout=timeout, cwd=tmp_path,
-        )
-        result = json.loads(out_path.read_text()) if proc.returncode == 0 else None
-        return EngineRun(result, proc.stdout + proc.stderr, proc.returncode)
+        full_env = {**os.environ, **ENGINE_ENV, **(env or {})}
+        if not env and not plugins_first:
+            if servers and _settled(servers[-1].env) != _settled(full_env):
+                servers.pop().close()
+            if not servers:
+                servers.append(EngineServer(full_env, tmp_path))
+            stdout, stderr, returncode = servers[-1].run(spec_path, out_path, timeout)
+        else:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "engine_driver.py"), str(spec_path), str(out_path)],
+                env=full_env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+            )
+            stdout, stderr, returncode = proc.stdout, proc.stderr, proc.returncode
+        result = json.loads(out_path.read_text()) if returncode == 0 else None
+        return EngineRun(result, stdout + stderr, returncode)
 
-    return run
+    yield run
+    for server in servers:
+        server.close()

@@ -2,6 +2,12 @@
 
 Tests start it with ``python tests/engine_driver.py SPEC.json OUT.json`` so every engine gets a
 clean process and environment (vLLM's CPU engine always spawns; its children re-import __main__).
+``python tests/engine_driver.py --serve`` (tests/conftest.py) does the same for a series of specs
+without paying the API process's vLLM import (~15 s of CPU) for each: it imports what main()
+imports once, then forks one child per spec, which runs main() and exits as the single-spec driver
+would (engine shut down at interpreter exit). A child starts from the state the imports left,
+before any LLM, plugin or engine existed, so conftest sends only specs whose environment is the
+one the server started with.
 SPEC: {"llm": {LLM kwargs}, "prompts": [[token ids], ...], "max_tokens": N, "plugins_first": bool}
 OUT:  {"tokens": [[...], ...], "logprobs": [[...], ...], "num_gpu_blocks": N, "metrics": {...},
        "impls": [attention impl class of each layer, as the worker built them],
@@ -15,6 +21,7 @@ and OUT also holds the model's raw logits over the whole vocabulary:
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -68,5 +75,50 @@ def _dense(position: dict, vocab: int) -> list[float]:
     return row
 
 
+def serve() -> None:
+    """Reads ``[spec_path, out_path, stdout_path, stderr_path, current_test]`` JSON lines on
+    stdin (current_test: pytest's PYTEST_CURRENT_TEST, or null); per line,
+    forks a child that runs main() with its output in the two files, answers ``{"pid": P}`` at
+    once and ``{"returncode": R}`` when the child has exited (its engine shut down)."""
+    # What main() imports before it builds the LLM (the imports alone start no engine or plugin).
+    import engine_probes  # noqa: F401
+    import vllm  # noqa: F401
+    from vllm import LLM, SamplingParams  # noqa: F401
+    from vllm.inputs import TokensPrompt  # noqa: F401
+
+    answers = os.fdopen(os.dup(1), "w")
+    _redirect(1, os.devnull, os.O_WRONLY)  # the protocol channel is `answers` only
+    for line in sys.stdin:
+        spec_path, out_path, stdout_path, stderr_path, current_test = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            answers.close()
+            _redirect(0, os.devnull, os.O_RDONLY)
+            _redirect(1, stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            _redirect(2, stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            sys.argv = [sys.argv[0], spec_path, out_path]
+            os.environ.pop("PYTEST_CURRENT_TEST", None)
+            if current_test is not None:
+                os.environ["PYTEST_CURRENT_TEST"] = current_test
+            main(spec_path, out_path)  # an exception exits with a traceback and status 1
+            sys.exit(0)  # interpreter exit: vLLM's finalizers shut the engine down
+        answers.write(json.dumps({"pid": pid}) + "\n")
+        answers.flush()
+        _, status = os.waitpid(pid, 0)
+        answers.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        answers.flush()
+
+
+def _redirect(fd: int, path: str, flags: int) -> None:
+    opened = os.open(path, flags, 0o644)
+    os.dup2(opened, fd)
+    os.close(opened)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main(*sys.argv[1:3])
