@@ -8,7 +8,8 @@ then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" comp
 within its budget (exact) with TRITON_ATTN in float32, runs prompts far beyond the budget, and
 serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases and the paged
 decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
-Triton decode kernel over codes against its torch specification (tests/test_vqkv_kernels.py) on CUDA.
+Triton decode kernel over codes and its encode kernel against their torch specifications
+(tests/test_vqkv_kernels.py, tests/test_vqkv_encode.py) on CUDA.
 "serve" serves KVFOLD_VQKV and KVFOLD_FOURIER in bfloat16 with `kvfold serve` and sends prompts far
 beyond their exact windows (random codebooks / dims: the serving mechanics do not depend on them).
 """
@@ -135,7 +136,15 @@ def check_vqkv(out: Path, model: Path) -> dict:
             report[name] = {"max_abs_out_diff": diff_out, "max_abs_lse_diff": diff_lse}
         except Exception as exc:
             report[name] = {"error": repr(exc)[:2000]}
-    # The paged backend (decode through the kernel) against the reference, on CUDA.
+    import test_vqkv_encode
+
+    for case in test_vqkv_encode.CASES:
+        name = "vqkv encode kernel " + " ".join(str(x) for x in case)
+        try:
+            report[name] = {"rows_encoded_differently": test_vqkv_encode.check_case(case, "cuda")}
+        except Exception as exc:
+            report[name] = {"error": repr(exc)[:2000]}
+    # The paged backend (decode and encode through the kernels) against the reference, on CUDA.
     import test_vqkv_paged
     from test_vqkv_paged import files
 

@@ -24,6 +24,7 @@ from kvfold.attention_backends.vqkv import codebooks as files
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.options import VQKVOptions
 from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
+from kvfold.attention_backends.vqkv.encode import encode
 from kvfold.attention_backends.vqkv.rebuild import rebuild
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
 from kvfold.options import KvfoldConfigError
@@ -111,19 +112,12 @@ class VQKVImpl(KvfoldImpl):
         layout = self._page_layout(kv_cache)
         books = self._layer_books(layer, query.device)
         tokens = step_tokens(metadata, query.device)
-        decode_rows = metadata.scratch.get("vqkv_decode_rows")
-        if decode_rows is None:
-            decode_rows = [i for i, start, end, _ in metadata.requests() if end - start == 1]
-            metadata.scratch["vqkv_decode_rows"] = decode_rows
-        if decode_rows:
-            rows = torch.tensor(decode_rows, device=query.device)
-            starts = metadata.query_start_loc_cpu[decode_rows].to(query.device)
-            computed = metadata.seq_lens_cpu[decode_rows] - 1
-            coded = computed - layout.recent - computed.clamp(max=layout.sink)
+        decode = decode_batch(metadata, layout, query.device)
+        if decode is not None:
+            rows, starts, seq_lens, longest = decode
             out = decode_step(
                 query[starts], key[starts], value[starts], kv_cache,
-                metadata.block_table[rows], metadata.seq_lens_cpu[decode_rows].to(query.device),
-                layout, books, self.scale, longest=max(int(coded.max()), 0),
+                metadata.block_table[rows], seq_lens, layout, books, self.scale, longest=longest,
             )
             output[starts] = out.to(output.dtype)
         for i, start, end, seq_len in metadata.requests():
@@ -138,16 +132,50 @@ class VQKVImpl(KvfoldImpl):
         write_step(kv_cache, key, value, tokens, metadata, layout, books)
 
 
+def decode_batch(
+    metadata: PagedMetadata, layout: PageLayout, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(rows, first query token, KV length, longest coded range) of the step's decoding requests,
+    built on the host once per step for all layers (no device syncs), or None without any."""
+    if "vqkv_decode" not in metadata.scratch:
+        decoding = [i for i, start, end, _ in metadata.requests() if end - start == 1]
+        batch = None
+        if decoding:
+            seq_lens = metadata.seq_lens_cpu[decoding]
+            computed = seq_lens - 1
+            coded = computed - layout.recent - computed.clamp(max=layout.sink)
+            batch = (torch.tensor(decoding, device=device),
+                     metadata.query_start_loc_cpu[decoding].to(device),
+                     seq_lens.to(device), max(int(coded.max()), 0))
+        metadata.scratch["vqkv_decode"] = batch
+    return metadata.scratch["vqkv_decode"]
+
+
 def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(request index, position) of each of the step's tokens, built once per step for all layers."""
     cached = metadata.scratch.get("vqkv_tokens")
     if cached is None:
-        counts = metadata.query_start_loc_cpu.diff()
-        request = torch.repeat_interleave(torch.arange(metadata.num_reqs), counts)
-        offset = torch.arange(metadata.num_actual_tokens) - metadata.query_start_loc_cpu[request]
-        computed = metadata.seq_lens_cpu - counts
-        cached = (request.to(device), (computed[request] + offset).to(device))
+        request, positions = _host_tokens(metadata)
+        cached = (request.to(device), positions.to(device))
         metadata.scratch["vqkv_tokens"] = cached
+    return cached
+
+
+def _host_tokens(metadata: PagedMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = metadata.query_start_loc_cpu.diff()
+    request = torch.repeat_interleave(torch.arange(metadata.num_reqs), counts)
+    offset = torch.arange(metadata.num_actual_tokens) - metadata.query_start_loc_cpu[request]
+    computed = metadata.seq_lens_cpu - counts
+    return request, computed[request] + offset
+
+
+def kept_tokens(metadata: PagedMetadata, layout: PageLayout, device: torch.device) -> torch.Tensor:
+    """Indices of the step's tokens the ring keeps exact, found on the host once per step."""
+    cached = metadata.scratch.get("vqkv_kept")
+    if cached is None:
+        request, positions = _host_tokens(metadata)
+        kept = layout.is_kept_exact(positions, metadata.seq_lens_cpu[request]).nonzero().flatten()
+        cached = metadata.scratch["vqkv_kept"] = kept.to(device)
     return cached
 
 
@@ -159,8 +187,11 @@ def read_past(
     rows = row.expand(computed, -1)
     blocks, slots = layout.code_cells(rows, positions)
     key, value = rebuild(read_cells(cache, blocks, slots)[..., : layout.num_codes], books)
-    exact = positions[(positions < layout.sink) | (positions >= computed - layout.recent)]
+    # Exact positions from host ints: a boolean index of a device tensor would sync every layer.
+    recent_from = min(max(computed - layout.recent, layout.sink), computed)
+    exact = torch.cat([torch.arange(min(layout.sink, computed)), torch.arange(recent_from, computed)])
     if exact.numel():
+        exact = exact.to(cache.device)
         blocks, slots = layout.ring_cells(row.expand(exact.numel(), -1), layout.ring_index(exact))
         exact_k, exact_v = layout.unpack_exact(read_cells(cache, blocks, slots))
         key[exact], value[exact] = exact_k.float(), exact_v.float()
@@ -180,11 +211,8 @@ def write_step(
     request, positions = tokens
     rows = metadata.block_table[request]
     blocks, slots = layout.code_cells(rows, positions)
-    write_cells(cache, blocks, slots, books.encode(key, value))
-    seq_lens = metadata.scratch.get("vqkv_seq_lens")
-    if seq_lens is None:
-        seq_lens = metadata.scratch["vqkv_seq_lens"] = metadata.seq_lens_cpu.to(key.device)
-    kept = layout.is_kept_exact(positions, seq_lens[request]).nonzero().flatten()
+    write_cells(cache, blocks, slots, encode(key, value, books))
+    kept = kept_tokens(metadata, layout, key.device)
     if layout.ring_entries and kept.numel():
         blocks, slots = layout.ring_cells(rows[kept], layout.ring_index(positions[kept]))
         write_cells(cache, blocks, slots, layout.pack_exact(key[kept], value[kept]))
