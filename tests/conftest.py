@@ -19,6 +19,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # xdist (--dist loadfile) would hand out the files with the most tests first, so the single-test
+    # files that run longest (the interpreted Triton run, SmolLM2's engines) were dealt out last and
+    # one worker ran them alone at the end; pytest_collection_modifyitems orders the files instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     # vLLM's CPU worker binds its OpenMP threads to core 0 ("auto") in every engine, so the
     # engines of two xdist workers computed on one core while the other idled (a pair of
     # generation-heavy engines: 77 s together, 60 s bound apart, on 2 cores). Each xdist worker's
@@ -29,7 +34,26 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
 
 
+# The files that take longest (the last CI run's --durations), dealt out to xdist workers first.
+LONGEST_FIRST = ("test_quality_slice.py", "test_triton_interpreter.py")
+
+
+def _file_rank(items: list[pytest.Item]) -> dict[Path, int]:
+    """0, 1, ... for LONGEST_FIRST, then files with an engine-marked test, then the rest."""
+    engine_files = {item.path for item in items if "engine" in item.keywords}
+    rank = {}
+    for item in items:
+        if item.path.parent == HERE and item.path.name in LONGEST_FIRST:
+            rank[item.path] = LONGEST_FIRST.index(item.path.name)
+        else:
+            rank.setdefault(item.path, len(LONGEST_FIRST) + (item.path not in engine_files))
+    return rank
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Longest files first (a stable sort: each file's tests stay together and in their order).
+    rank = _file_rank(items)
+    items.sort(key=lambda item: rank[item.path])
     skip = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 from process start (run by "
                             "tests/test_triton_interpreter.py)")
     for item in items:
