@@ -2,7 +2,7 @@
 against the specification ``LayerCodebooks.encode``.
 
 Keys and values are strided views (slices of a fused qkv-like buffer, as vLLM hands them over),
-the row counts are not multiples of the kernel's block, and the cases cover float32 and bfloat16
+the row counts are not multiples of the kernel's blocks (small and large), and the cases cover float32 and bfloat16
 inputs, head sizes 64 and 128 (branch widths 32/64, value 64/128), a width that is not a power of
 two (48: branches of 24), and 4 to 32 stages.
 """
@@ -18,6 +18,7 @@ CASES = [
     (torch.float32, 64, 3, 37, 2, 4),
     (torch.bfloat16, 128, 2, 70, 8, 16),
     (torch.float32, 48, 2, 5, 4, 8),
+    (torch.bfloat16, 64, 2, 2100, 2, 2),  # > SMALL_ROWS rows: the prefill's larger programs
 ]
 
 
