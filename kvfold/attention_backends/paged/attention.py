@@ -55,8 +55,9 @@ def prefill_attention(
     if query.dtype in (torch.float16, torch.bfloat16):
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-        cu_q = torch.tensor([0, num_q], dtype=torch.int32, device=query.device)
-        cu_k = torch.tensor([0, num_k], dtype=torch.int32, device=query.device)
+        # [0, n] made on the device: a host list copied there would wait for the stream each layer.
+        cu_q = torch.arange(2, dtype=torch.int32, device=query.device) * num_q
+        cu_k = torch.arange(2, dtype=torch.int32, device=query.device) * num_k
         return flash_attn_varlen_func(
             q=query.contiguous(), k=key.to(query.dtype), v=value.to(query.dtype),
             max_seqlen_q=num_q, cu_seqlens_q=cu_q, max_seqlen_k=num_k, cu_seqlens_k=cu_k,
