@@ -64,9 +64,13 @@ def write_request(
     dev = key.device
     positions = torch.arange(n_old, n_new, device=dev)
     slots = arena.slot_bytes(row.expand(positions.numel(), -1), positions)
-    first, last = max(sink, n_old - recent), n_new - recent
-    entering = torch.arange(first, max(first, last), device=dev)
-    ringed = positions[(positions < sink) | (positions >= n_new - recent)]
+    # Position ranges from host ints: boolean indexing of device tensors would wait for the GPU
+    # several times per head and layer.
+    first, last = max(sink, n_old - recent), max(max(sink, n_old - recent), n_new - recent)
+    entering_old = torch.arange(first, max(first, min(last, n_old)), device=dev)
+    entering_new = torch.arange(max(first, n_old), max(last, n_old), device=dev) - n_old  # step rows
+    ringed = torch.cat([torch.arange(n_old, max(n_old, min(sink, n_new)), device=dev),
+                        torch.arange(min(max(n_old, n_new - recent, sink), n_new), n_new, device=dev)])
     was, now = layout.is_compressed(n_old), layout.is_compressed(n_new)
     rows = row[None]
     stat_rows = torch.arange(2 * freqs, 2 * freqs + len(STAT_ROWS), device=dev)[None]
@@ -83,10 +87,9 @@ def write_request(
                 stats = initial_stats(dims.numel(), dev)
             else:
                 stats = arena.read_rows(coef_item, rows, stat_rows, torch.float32)[0]
-            if entering.numel():
-                old = entering[entering < n_old]
-                parts = [arena.read_rows(ring_item, rows, layout.ring_index(old)[None], layout.dtype)[0],
-                         new[entering[entering >= n_old] - n_old]]
+            if last > first:
+                parts = [arena.read_rows(ring_item, rows, layout.ring_index(entering_old)[None], layout.dtype)[0],
+                         new[entering_new]]
                 enter = torch.cat(parts).float()
                 stats[SUM] += enter.sum(0)
                 stats[MIN] = torch.minimum(stats[MIN], enter.amin(0))
@@ -104,6 +107,7 @@ def write_request(
                     if prefill or not was:
                         fit_normalization(stats, coef, layout.middle_length(n_new), window)
                 else:
+                    entering = torch.arange(first, last, device=dev)
                     arena.write_middle(coef_item, rows, (entering - sink)[None], enter[None])
             arena.write_rows(coef_item, rows, stat_rows, stats[None])
             if ringed.numel():
@@ -122,7 +126,8 @@ def visible(arena: CacheArena, layer: int, row: torch.Tensor, n: int, window: in
         return out["k"], out["v"]
     positions = torch.arange(n, device=dev)
     slots = arena.slot_bytes(row.expand(n, -1), positions)
-    exact = positions[(positions < sink) | (positions >= max(sink, n - layout.recent))]
+    exact = torch.cat([torch.arange(min(sink, n), device=dev),
+                       torch.arange(min(max(sink, n - layout.recent), n), n, device=dev)])
     length = layout.middle_length(n)
     rows = row[None]
     for kind in KINDS:
