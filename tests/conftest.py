@@ -130,8 +130,8 @@ class EngineServer:
         self.proc.stdin.flush()
         pid = self._answer(60)["pid"]
         done = self._answer(timeout)
-        if done is None:  # as subprocess.run(timeout=...): the driver is killed, the test fails
-            os.kill(pid, signal.SIGKILL)
+        if done is None:  # the driver and its engine's processes are killed, the test fails
+            os.killpg(pid, signal.SIGKILL)
             self._answer(60)
             raise subprocess.TimeoutExpired(["engine_driver.py", str(spec_path)], timeout)
         return stdout.read_text(), stderr.read_text(), done["returncode"]

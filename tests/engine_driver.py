@@ -94,6 +94,7 @@ def serve() -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
+            os.setpgid(0, 0)  # the engine's processes join the child's group: a timeout kills all
             answers.close()
             _redirect(0, os.devnull, os.O_RDONLY)
             _redirect(1, stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
