@@ -109,24 +109,30 @@ class EngineServer:
     driver's vLLM import, so an engine run costs no API-process import (~15 s of CPU each)."""
 
     def __init__(self, env: dict, cwd: Path) -> None:
-        self.env, self.stderr = env, cwd / "server.log"
+        self.env, self.stderr, self.pending = env, cwd / "server.log", b""
         with open(self.stderr, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(HERE / "engine_driver.py"), "--serve"], env=env, cwd=cwd,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 
-    def _answer(self, timeout: float | None) -> dict | None:
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            return None
-        line = self.proc.stdout.readline()
-        assert line, f"engine server exited:\n{self.stderr.read_text()[-6000:]}"
+    def _answer(self, timeout: float) -> dict | None:
+        """The server's next answer line, or None after ``timeout`` s without one (read from the
+        raw pipe: a buffered readline could swallow an answer that select() then never sees)."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, f"engine server exited:\n{self.stderr.read_text()[-6000:]}"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, spec_path: Path, out_path: Path, timeout: float) -> tuple[str, str, int]:
         stdout, stderr = spec_path.with_suffix(".stdout"), spec_path.with_suffix(".stderr")
         request = [str(spec_path), str(out_path), str(stdout), str(stderr),
                    os.environ.get("PYTEST_CURRENT_TEST")]
-        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
         self.proc.stdin.flush()
         pid = self._answer(60)["pid"]
         done = self._answer(timeout)
