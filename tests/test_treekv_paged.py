@@ -76,6 +76,17 @@ def test_paged_steps_equal_the_reference(vllm_config, positions: str, kernel: st
     run_paged_steps(vllm_config, positions, "cpu")
 
 
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_padded_decode_batches_change_nothing(vllm_config, monkeypatch, kernel: str) -> None:
+    """Decode batches run padded to a graph's batch size (here 3 more requests than real): the
+    padding requests write only into vLLM's null block and every real output and entry stays the
+    reference's."""
+    from kvfold.attention_backends.treekv import backend
+
+    monkeypatch.setattr(backend, "bucket", lambda n: n + 3)
+    run_paged_steps(vllm_config, "rank", "cpu")
+
+
 def run_paged_steps(vllm_config, positions: str, device: str) -> None:
     """The check itself; tests/gpu/check_cuda.py runs it on CUDA too."""
     vllm_config.additional_config["kvfold"]["positions"] = positions

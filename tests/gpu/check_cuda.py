@@ -102,7 +102,16 @@ def check_kernels(out: Path, model: Path) -> dict:
         except Exception as exc:
             report[name] = {"error": repr(exc)}
     register()
-    for positions in ("rank", "original"):
+    from kvfold.attention_backends.treekv import backend
+
+    unpadded = backend.bucket
+    # CUDA-graph replay (the default on CUDA) with the real bucket sizes, with 3 padding requests,
+    # and eagerly (KVFOLD_CUDA_GRAPHS=0).
+    for positions, pad, graphs in (("rank", False, "1"), ("original", False, "1"),
+                                   ("rank", True, "1"), ("rank", False, "0")):
+        backend.bucket = (lambda n: n + 3) if pad else unpadded
+        os.environ["KVFOLD_CUDA_GRAPHS"] = graphs
+        label = f"{positions}, cuda, graphs {graphs}{', padded' if pad else ''}"
         config = VllmConfig(
             model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=4096),
             cache_config=CacheConfig(enable_prefix_caching=False),
@@ -111,9 +120,11 @@ def check_kernels(out: Path, model: Path) -> dict:
         )
         try:
             test_treekv_paged.run_paged_steps(config, positions, "cuda")
-            report[f"paged steps = reference ({positions}, cuda)"] = "passed"
+            report[f"paged steps = reference ({label})"] = "passed"
         except Exception as exc:
-            report[f"paged steps = reference ({positions}, cuda)"] = {"error": repr(exc)[:2000]}
+            report[f"paged steps = reference ({label})"] = {"error": repr(exc)[:2000]}
+    backend.bucket = unpadded
+    os.environ.pop("KVFOLD_CUDA_GRAPHS")
     assert torch.cuda.is_available()
     return report
 

@@ -6,8 +6,9 @@ Accounting: ``customize_spec`` turns the layer's spec into a ``SlidingWindowSpec
 Eviction happens in slot space: each step, per request and layer, the entries TreeKV keeps
 (different ones per head) are read from the request's live blocks, the new tokens are attended and
 evicted exactly as in ``reference.TreeKV``, and the kept entries are written back into slots of
-blocks that survive the next release. This path is pure torch (the specification of the GPU
-kernels, which do not exist yet).
+blocks that survive the next release. Prefill chunks take that per-request path in torch; the
+decode requests of a step go through ``decode.decode_batch`` together (the Triton kernel, replayed
+as a CUDA graph per padded batch size on the GPU: ``paged.graphs``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from vllm.v1.attention.backend import AttentionLayer
 from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 
+from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
+from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
 from kvfold.attention_backends.treekv.options import TreeKVOptions
@@ -52,6 +55,28 @@ def rope_inv_freq(vllm_config: VllmConfig, head_size: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))
 
 
+class ChunkTreeKV(TreeKV):
+    """The specification, with a chunk's causal attention run by ``prefill_attention`` (vLLM's flash
+    attention on CUDA for 16-bit models) in the model's dtype: the reference's float32
+    ``[Hq, chunk, n]`` scores cost more than the rest of a prefill chunk together. Scores for
+    eviction still come from the observation window, in float32."""
+
+    def __init__(self, options: TreeKVOptions, scale: float, inv_freq: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__(options, scale, inv_freq)
+        self.dtype = dtype
+
+    def _output(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_new: int) -> torch.Tensor:
+        if num_new == 1:
+            return super()._output(q, keys, values, num_new)
+        # [n, H, D] token-major and contiguous, as flash attention reads them.
+        out = prefill_attention(q.transpose(0, 1).to(self.dtype).contiguous(),
+                                keys.transpose(0, 1).to(self.dtype).contiguous(),
+                                values.transpose(0, 1).to(self.dtype).contiguous(),
+                                self.scale, keys.shape[1] - num_new)
+        return out.float()
+
+
 class TreeKVImpl(KvfoldImpl):
     method_name = NAME
     options_model = TreeKVOptions
@@ -71,6 +96,8 @@ class TreeKVImpl(KvfoldImpl):
         # worker reports them, so kvfold:tokens_evicted counts tokens, not tokens x layers.
         self._reports_evictions = not TreeKVImpl._reporter_taken
         TreeKVImpl._reporter_taken = True
+        self._pages: PageViews | None = None  # this step's views, read by the graphed decode
+        self._graphed_decode = GraphedStep(self._decode)
 
     def attend(
         self,
@@ -117,15 +144,24 @@ class TreeKVImpl(KvfoldImpl):
             batch = DecodeBatch.build(
                 [start for _, start, _ in decoding], [seq_len for _, _, seq_len in decoding],
                 metadata.block_table[reqs], metadata.slot_mapping, self.options.budget,
-                pages.position.shape[2], self.options.sink + 2,
+                pages.position.shape[2], self.options.sink + 2, padded=bucket(len(decoding)),
             )
             metadata.scratch[scratch_key] = batch
-        rows = batch.rows
-        out, over = decode_batch(
-            pages, batch, query[rows], key[rows], value[rows], self.options, self.scale, self.inv_freq
-        )
-        output[rows] = out.to(output.dtype)
-        return int(over.sum()) if self._reports_evictions else 0
+        if self.inv_freq is not None and self.inv_freq.device != query.device:
+            self.inv_freq = self.inv_freq.to(query.device)  # a graph cannot copy it from the host
+        self._pages = pages
+        rows, num = batch.rows, len(decoding)
+        key_ = (kv_cache_key(pages.raw), rows.numel())
+        out, over = self._graphed_decode(key_, query[rows], key[rows], value[rows], *batch.tensors)
+        output[rows[:num]] = out[:num].to(output.dtype)
+        return int(over[:num].sum()) if self._reports_evictions else 0
+
+    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graphed part of a decode step: :func:`decode_batch` on this layer's pages."""
+        rows = batch[0].new_empty(0)  # decode_batch does not read the rows
+        return decode_batch(self._pages, DecodeBatch(rows, *batch), query, key, value,
+                            self.options, self.scale, self.inv_freq)
 
     def _request_step(
         self,
@@ -154,7 +190,7 @@ class TreeKVImpl(KvfoldImpl):
         # The next step releases blocks whose positions all lie below seq_len - budget.
         boundary = max(seq_len - budget, 0) // block_size * block_size
 
-        tree = TreeKV(self.options, self.scale, self.inv_freq)
+        tree = ChunkTreeKV(self.options, self.scale, self.inv_freq, self.dtype)
         old_slots = self._read_entries(pages, slots[: num_old - first], tree, num_new == 1)
         out = tree.extend(query, key, value, num_old)
         dropped = old_slots.shape[1] + num_new - tree.cache.size

@@ -46,25 +46,40 @@ class DecodeBatch:
         budget: int,
         block_size: int,
         min_width: int,
+        padded: int | None = None,
     ) -> DecodeBatch:
         """``block_table`` ``[R, max_blocks]`` holds the decoding requests' rows.
 
-        ``S`` is at least ``min_width``, so the pair at the cursor can always be indexed; sizes
-        come from the host copies, so building costs no device sync.
+        ``S`` is fixed by the budget (at least ``min_width``, so the pair at the cursor can always
+        be indexed), and the batch is padded to ``padded`` requests of length 0 (row 0, every slot
+        the null slot), so a step's shapes depend only on ``padded``: the step can be replayed as a
+        CUDA graph. Sizes come from the host copies, so building costs no device sync.
         """
         dev = block_table.device
-        seq = torch.tensor(seq_lens, dtype=torch.long)
-        # The window manager released the blocks lying wholly more than `budget` behind num_old.
+        num_reqs = len(rows)
+        padded = max(padded or num_reqs, num_reqs)
+        seq = torch.tensor(list(seq_lens) + [0] * (padded - num_reqs), dtype=torch.long)
+        # The window manager released the blocks lying wholly more than `budget` behind num_old,
+        # so at most budget + block_size positions are live.
         first = ((seq - 1 - budget).clamp(min=0) // block_size) * block_size
-        width = max(int((seq - first).max()), min_width)
+        width = max(budget + block_size, min_width)
         first, seq = first.to(dev, non_blocking=True), seq.to(dev, non_blocking=True)
         natural = first[:, None] + torch.arange(width, device=dev)
         in_range = natural < seq[:, None]
+        table = torch.zeros(padded, block_table.shape[1], dtype=block_table.dtype, device=dev)
+        table[:num_reqs] = block_table
         column = (natural // block_size).clamp(max=block_table.shape[1] - 1)
-        blocks = block_table.long().gather(1, column)
+        blocks = table.long().gather(1, column)
         slots = torch.where(in_range, blocks * block_size + natural % block_size, NULL_SLOT)
-        rows_t = torch.tensor(rows, device=dev)
-        return cls(rows_t, seq, slot_mapping[rows_t], slots, natural, in_range)
+        rows_t = torch.tensor(list(rows) + [0] * (padded - num_reqs), device=dev)
+        new_slots = torch.where(torch.arange(padded, device=dev) < num_reqs,
+                                slot_mapping[rows_t].long(), NULL_SLOT)
+        return cls(rows_t, seq, new_slots, slots, natural, in_range)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What :func:`decode_batch` reads of the batch, in :meth:`of` order."""
+        return self.seq_lens, self.new_slots, self.slots, self.natural, self.in_range
 
 
 def decode_batch(

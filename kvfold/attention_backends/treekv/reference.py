@@ -185,9 +185,12 @@ class TreeKV:
             count=torch.zeros(num_kv_heads, num_new, device=dev),
         )
         cache = new if self.cache is None else self.cache.concat(new)
-        probs, out = self._attend(cache, query, start)  # probs [Hk, G, q, n]
+        keys, q = self._rotated(cache, query, start)
+        out = self._output(q, keys, cache.values, num_new)
+        # Scores come from the last `window` queries only (the observation window; one in decode).
         window = 1 if num_new == 1 else min(self.options.prefill_block, num_new)
-        cache.score_sum += probs[:, :, num_new - window :].sum(2).mean(1)
+        probs = self._window_probs(q[:, num_new - window :], keys, num_new)  # [Hk, G, window, n]
+        cache.score_sum += probs.sum(2).mean(1)
         cache.count += _visible(cache.size, num_new, dev)[num_new - window :].sum(0).float()
         kept = torch.arange(cache.size, device=dev).expand(num_kv_heads, -1)
         if cache.size > self.options.budget:
@@ -198,21 +201,30 @@ class TreeKV:
         self.cache, self.kept_index = cache, kept
         return out
 
-    def _attend(self, cache: LayerCache, query: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotated(self, cache: LayerCache, query: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 keys ``[Hk, n, D]`` and queries ``[Hq, q, D]`` at the positions attention uses."""
         num_new, n = query.shape[0], cache.size
-        num_kv_heads = cache.keys.shape[0]
-        keys, q = cache.keys.float(), query.float().transpose(0, 1)  # q: [Hq, q, D]
+        keys, q = cache.keys.float(), query.float().transpose(0, 1)
         if self.options.positions == "rank":
             ranks = torch.arange(n, device=keys.device)
             keys = rope_rotate(keys, ranks.expand_as(cache.positions) - cache.positions, self.inv_freq)
             q_ranks = ranks[n - num_new :] - (ranks[:num_new] + start)
             q = rope_rotate(q, q_ranks.expand(q.shape[0], -1), self.inv_freq)
-        group = q.shape[0] // num_kv_heads
-        logits = torch.einsum("hgqd,hnd->hgqn", q.reshape(num_kv_heads, group, num_new, -1), keys)
-        visible = _visible(n, num_new, keys.device)
-        probs = torch.softmax((logits * self.scale).masked_fill(~visible, float("-inf")), dim=-1)
-        out = torch.einsum("hgqn,hnd->qhgd", probs, cache.values.float())
-        return probs, out.reshape(num_new, q.shape[0], -1)
+        return keys, q
+
+    def _window_probs(self, q: torch.Tensor, keys: torch.Tensor, num_new: int) -> torch.Tensor:
+        """Attention probabilities ``[Hk, G, w, n]`` of the last ``w`` new queries ``q`` ``[Hq, w, D]``."""
+        num_kv_heads, n = keys.shape[0], keys.shape[1]
+        group, window = q.shape[0] // num_kv_heads, q.shape[1]
+        logits = torch.einsum("hgqd,hnd->hgqn", q.reshape(num_kv_heads, group, window, -1), keys)
+        visible = _visible(n, num_new, keys.device)[num_new - window :]
+        return torch.softmax((logits * self.scale).masked_fill(~visible, float("-inf")), dim=-1)
+
+    def _output(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_new: int) -> torch.Tensor:
+        """Causal attention ``[q, Hq, Dv]`` of every new query over the cache (entries in order)."""
+        probs = self._window_probs(q, keys, num_new)
+        out = torch.einsum("hgqn,hnd->qhgd", probs, values.float())
+        return out.reshape(num_new, q.shape[0], -1)
 
     def _evict_token(self, cache: LayerCache) -> torch.Tensor:
         """Entry indices ``[Hk, budget]`` after one decode-step eviction in the tree region."""

@@ -18,6 +18,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
+from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 NAME = "KVFOLD_VQKV"
+# The decode kernel's longest range is rounded up to a multiple of this (empty splits cost little),
+# so a decode step's CUDA graph serves this many steps of growth.
+LONGEST_STEP = 1024
 
 
 @lru_cache(maxsize=8)
@@ -67,6 +71,8 @@ class VQKVImpl(KvfoldImpl):
             )
         self._books: LayerCodebooks | None = None
         self._layout: PageLayout | None = None
+        self._step: tuple[torch.Tensor, PageLayout, LayerCodebooks] | None = None  # read by _decode
+        self._graphed_decode = GraphedStep(self._decode)
 
     def state_bytes(self) -> int:
         return codebook_bytes(self.manifest)
@@ -99,6 +105,13 @@ class VQKVImpl(KvfoldImpl):
             )
         return self._layout
 
+    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor,
+                seq_lens: torch.Tensor, *, longest: int) -> tuple[torch.Tensor]:
+        """The graphed part of a step's decoding: :func:`decode.decode_step` on this step's cache."""
+        kv_cache, layout, books = self._step
+        return (decode_step(query, key, value, kv_cache, rows, seq_lens, layout, books, self.scale,
+                            longest=longest),)
+
     def attend(
         self,
         layer: AttentionLayer,
@@ -114,12 +127,13 @@ class VQKVImpl(KvfoldImpl):
         tokens = step_tokens(metadata, query.device)
         decode = decode_batch(metadata, layout, query.device)
         if decode is not None:
-            rows, starts, seq_lens, longest = decode
-            out = decode_step(
-                query[starts], key[starts], value[starts], kv_cache,
-                metadata.block_table[rows], seq_lens, layout, books, self.scale, longest=longest,
+            rows, starts, seq_lens, longest, num = decode
+            self._step = (kv_cache, layout, books)
+            (out,) = self._graphed_decode(
+                kv_cache_key(kv_cache), query[starts], key[starts], value[starts],
+                metadata.block_table[rows], seq_lens, longest=longest,
             )
-            output[starts] = out.to(output.dtype)
+            output[starts[:num]] = out[:num].to(output.dtype)
         for i, start, end, seq_len in metadata.requests():
             if end - start == 1:
                 continue
@@ -134,9 +148,14 @@ class VQKVImpl(KvfoldImpl):
 
 def decode_batch(
     metadata: PagedMetadata, layout: PageLayout, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """(rows, first query token, KV length, longest coded range) of the step's decoding requests,
-    built on the host once per step for all layers (no device syncs), or None without any."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+    """(rows, first query token, KV length, longest coded range, number of requests) of the step's
+    decoding requests, built on the host once per step for all layers (no device syncs), or None
+    without any.
+
+    The batch is padded (``graphs.bucket``) with requests of one token, no history and row 0, and
+    the longest range rounded up to whole tiles of :data:`LONGEST_STEP`, so that most steps have
+    the shapes of an earlier one and replay its CUDA graph."""
     if "vqkv_decode" not in metadata.scratch:
         decoding = [i for i, start, end, _ in metadata.requests() if end - start == 1]
         batch = None
@@ -144,9 +163,13 @@ def decode_batch(
             seq_lens = metadata.seq_lens_cpu[decoding]
             computed = seq_lens - 1
             coded = computed - layout.recent - computed.clamp(max=layout.sink)
-            batch = (torch.tensor(decoding, device=device),
-                     metadata.query_start_loc_cpu[decoding].to(device),
-                     seq_lens.to(device), max(int(coded.max()), 0))
+            longest = -(-max(int(coded.max()), 0) // LONGEST_STEP) * LONGEST_STEP
+            pad = bucket(len(decoding)) - len(decoding)
+            batch = (torch.tensor(decoding + [0] * pad, device=device),
+                     torch.cat([metadata.query_start_loc_cpu[decoding], torch.zeros(pad, dtype=torch.long)]
+                               ).to(device),
+                     torch.cat([seq_lens, torch.ones(pad, dtype=seq_lens.dtype)]).to(device),
+                     longest, len(decoding))
         metadata.scratch["vqkv_decode"] = batch
     return metadata.scratch["vqkv_decode"]
 
