@@ -107,8 +107,8 @@ def check_kernels(out: Path, model: Path) -> dict:
     unpadded = backend.bucket
     # CUDA-graph replay (the default on CUDA) with the real bucket sizes, with 3 padding requests,
     # and eagerly (KVFOLD_CUDA_GRAPHS=0).
-    for positions, pad, graphs in (("rank", False, "1"), ("original", False, "1"),
-                                   ("rank", True, "1"), ("rank", False, "0")):
+    for positions, pad, graphs in (("rank", False, "strict"), ("original", False, "strict"),
+                                   ("rank", True, "strict"), ("rank", False, "0")):
         backend.bucket = (lambda n: n + 3) if pad else unpadded
         os.environ["KVFOLD_CUDA_GRAPHS"] = graphs
         label = f"{positions}, cuda, graphs {graphs}{', padded' if pad else ''}"

@@ -13,17 +13,20 @@ their inputs into those copies and replay. Graphs share one memory pool (they ru
 one stream, as vLLM's own graphs do), and the outputs returned are the graph's buffers: read them
 before the next call with the same key.
 
-Off on CPU, while another capture is under way, and with ``KVFOLD_CUDA_GRAPHS=0``.
+Off on CPU, while another capture is under way, and with ``KVFOLD_CUDA_GRAPHS=0``. A step that
+cannot be captured logs a warning and stays eager (``KVFOLD_CUDA_GRAPHS=strict`` raises instead).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
 _pool: Any = None
 
 
@@ -55,6 +58,7 @@ class GraphedStep:
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.fn = fn
+        self.failed = False
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, key: Hashable, *inputs: torch.Tensor, **static: Hashable) -> tuple[torch.Tensor, ...]:
@@ -69,7 +73,18 @@ class GraphedStep:
             graph.replay()
             return outputs
         result = self.fn(*inputs, **static)  # the real step, and the warm-up the capture needs
-        self.graphs[key] = self._capture(inputs, static)
+        if not self.failed:
+            try:
+                self.graphs[key] = self._capture(inputs, static)
+            except RuntimeError as exc:
+                if os.environ.get("KVFOLD_CUDA_GRAPHS") == "strict":  # the GPU checks
+                    raise
+                # The step stays correct eagerly; say so once instead of stopping the server.
+                global _pool
+                _pool = None  # a failed capture leaves its pool unusable for the next one
+                self.failed = True
+                logger.warning("kvfold: %s cannot be captured as a CUDA graph (%s); it runs eagerly",
+                               getattr(self.fn, "__qualname__", self.fn), exc)
         return result
 
     def _capture(self, inputs: Sequence[torch.Tensor], static: dict[str, Hashable]):

@@ -108,8 +108,11 @@ def decode_batch(
     pages.k[nb, :, no] = key.to(pages.k.dtype)
     pages.v[nb, :, no] = value.to(pages.v.dtype)
     pages.position[nb, :, no] = (seq - 1).to(torch.int32)[:, None]
-    pages.score_sum[nb, :, no] = 0.0
-    pages.count[nb, :, no] = 0.0
+    # Assigned values are device tensors: a Python scalar would be copied from the host, which a
+    # CUDA graph cannot capture.
+    zero = torch.zeros((), device=dev)
+    pages.score_sum[nb, :, no] = zero
+    pages.count[nb, :, no] = zero
 
     # 2. Each head's entries among the live slots, oldest first (their rank order).
     slots, natural, in_range = batch.slots, batch.natural, batch.in_range
@@ -147,7 +150,8 @@ def decode_batch(
     pair = average.gather(-1, left), average.gather(-1, left + 1)
     dropped = torch.where(pair[0] > pair[1], left + 1, left)  # [R, Hk, 1] rank of the dropped entry
     dropped_slot = torch.where(over[:, None, None], entries.gather(-1, dropped), NULL_SLOT)
-    pages.position[dropped_slot // block_size, h, dropped_slot % block_size] = -1
+    pages.position[dropped_slot // block_size, h, dropped_slot % block_size] = torch.full(
+        (), -1, dtype=torch.int32, device=dev)
     kept = held & ~((ranks == dropped) & over[:, None, None])
     next_cursor = torch.where(over, (cursor + 1) % options.tree, cursor)
     # The cursor is read from a head's oldest entry; the two oldest carry it (the oldest may be

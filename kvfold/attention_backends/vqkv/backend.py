@@ -130,7 +130,7 @@ class VQKVImpl(KvfoldImpl):
             rows, starts, seq_lens, longest, num = decode
             self._step = (kv_cache, layout, books)
             (out,) = self._graphed_decode(
-                kv_cache_key(kv_cache), query[starts], key[starts], value[starts],
+                (kv_cache_key(kv_cache), rows.numel()), query[starts], key[starts], value[starts],
                 metadata.block_table[rows], seq_lens, longest=longest,
             )
             output[starts[:num]] = out[:num].to(output.dtype)
