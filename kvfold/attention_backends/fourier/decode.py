@@ -201,10 +201,10 @@ def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Ten
     base = 2 * arena.layout.freqs
     idx = torch.tensor([base + w for w in which], device=rows.device)[None, None, :]
     addr = row_addresses(arena, tables, kind, True, rows, idx.expand(rows.shape[0], tables.table.shape[0], -1))
-    return _gather(arena.typed(torch.float32), addr // 4, tables, kind)
+    return gather_state(arena.typed(torch.float32), addr // 4, tables, kind)
 
 
-def _gather(flat: torch.Tensor, start: torch.Tensor, tables: HeadTables, kind: str) -> torch.Tensor:
+def gather_state(flat: torch.Tensor, start: torch.Tensor, tables: HeadTables, kind: str) -> torch.Tensor:
     """``[..., Dc]`` float32 from element offsets ``start`` ``[R, H, ...]``; a head's padding reads 0."""
     width = tables.width["c" + kind]
     index = start[..., None] + torch.arange(width, device=start.device)
@@ -253,13 +253,13 @@ def write_batched(
         flat[torch.where(batched[:, None], cells, tables.dummy // layout.elem)] = kept.to(flat.dtype)
         valid = tables.valid[kind][None]
         ring = row_addresses(arena, tables, kind, False, rows, ring_row[:, None, None].expand(-1, heads, 1))[..., 0]
-        entered = _gather(flat, ring // layout.elem, tables, kind)  # the leaving token, read first
+        entered = gather_state(flat, ring // layout.elem, tables, kind)  # the leaving token, read first
         entered = torch.where(takes[:, None, None], entered, 0.0)  # other rows may hold garbage
         enter[kind] = entered
         new = gather_dims(x.float(), tables.compressed[kind])
         _scatter(flat, ring // layout.elem, new, valid & batched[:, None, None], tables.dummy)
         addr = row_addresses(arena, tables, kind, True, rows, stat_rows)
-        stats = _gather(flat32, addr // 4, tables, kind)  # [R, H, 3, Dc]
+        stats = gather_state(flat32, addr // 4, tables, kind)  # [R, H, 3, Dc]
         stats[:, :, 0] += entered
         stats[:, :, 1] = torch.minimum(stats[:, :, 1], entered)
         stats[:, :, 2] = torch.maximum(stats[:, :, 2], entered)

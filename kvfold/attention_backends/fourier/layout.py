@@ -90,6 +90,7 @@ class FourierLayout:
                            for kd, vd in zip(key_dims, value_dims)]
         self.kept = [{kind: [complement(d, sizes[kind]) for d in layer[kind]] for kind in KINDS}
                      for layer in self.compressed]
+        self._dims_on: dict[str, tuple] = {}
 
         coef_rows, ring_rows = 2 * freqs + len(STAT_ROWS), self.ring_entries
         rows = [(4 * d.numel(), coef_rows) for layer in self.compressed for kind in KINDS
@@ -122,6 +123,18 @@ class FourierLayout:
             self.ring.append(ring)
         self.arena_pages = page
         self.reserved_blocks = max(1, -(-page // self.num_layers))
+
+    def dims_on(self, device: torch.device) -> tuple[list[dict[str, list[torch.Tensor]]],
+                                                      list[dict[str, list[torch.Tensor]]]]:
+        """``(kept, compressed)`` as index tensors on ``device``, made once: indexing a GPU tensor
+        with host indices copies them over and waits for the GPU, several times per head and layer."""
+        cached = self._dims_on.get(str(device))
+        if cached is None:
+            def moved(table: list[dict[str, list[torch.Tensor]]]) -> list[dict[str, list[torch.Tensor]]]:
+                return [{kind: [d.to(device) for d in layer[kind]] for kind in KINDS} for layer in table]
+
+            cached = self._dims_on[str(device)] = (moved(self.kept), moved(self.compressed))
+        return cached
 
     @property
     def ring_entries(self) -> int:

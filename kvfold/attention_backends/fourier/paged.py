@@ -75,13 +75,14 @@ def write_request(
     rows = row[None]
     stat_rows = torch.arange(2 * freqs, 2 * freqs + len(STAT_ROWS), device=dev)[None]
     coef_rows = torch.arange(2 * freqs, device=dev)[None]
+    kept_dims, compressed_dims = layout.dims_on(dev)
     for kind, x in zip(KINDS, (key, value)):
         for h in range(layout.num_kv_heads):
-            arena.write_kept(layer, kind, h, slots, x[:, h, layout.kept[layer][kind][h]])
+            arena.write_kept(layer, kind, h, slots, x[:, h, kept_dims[layer][kind][h]])
             coef_item, ring_item = layout.coef[layer][kind][h], layout.ring[layer][kind][h]
             if coef_item is None:
                 continue
-            dims = layout.compressed[layer][kind][h]
+            dims = compressed_dims[layer][kind][h]
             new = x[:, h, dims]
             if n_old == 0:
                 stats = initial_stats(dims.numel(), dev)
@@ -130,14 +131,15 @@ def visible(arena: CacheArena, layer: int, row: torch.Tensor, n: int, window: in
                        torch.arange(min(max(sink, n - layout.recent), n), n, device=dev)])
     length = layout.middle_length(n)
     rows = row[None]
+    kept_dims, compressed_dims = layout.dims_on(dev)
     for kind in KINDS:
         for h in range(layout.num_kv_heads):
             head = out[kind][:, h]
-            head[:, layout.kept[layer][kind][h]] = arena.read_kept(layer, kind, h, slots).float()
+            head[:, kept_dims[layer][kind][h]] = arena.read_kept(layer, kind, h, slots).float()
             coef_item, ring_item = layout.coef[layer][kind][h], layout.ring[layer][kind][h]
             if coef_item is None:
                 continue
-            dims = layout.compressed[layer][kind][h]
+            dims = compressed_dims[layer][kind][h]
             head[exact[:, None], dims[None, :]] = arena.read_rows(
                 ring_item, rows, layout.ring_index(exact)[None], layout.dtype)[0].float()
             if not length:

@@ -1,7 +1,7 @@
 """One layer's FourierAttention step over a batch of requests, independent of vLLM's classes.
 
 Order (the semantics of :mod:`stream`): prefill chunks attend to the cache as it was plus themselves
-exactly; then every request's tokens enter the cache; then decoding tokens attend to the cache that
+exactly (the past rebuilt for all heads at once, :mod:`rebuild`); then every request's tokens enter the cache; then decoding tokens attend to the cache that
 now holds them. Decoding runs through the Triton kernels where Triton runs (:mod:`decode`), else
 through the torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
 """
@@ -16,6 +16,7 @@ from kvfold.attention_backends.fourier.arena import CacheArena
 from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
 from kvfold.attention_backends.fourier.kernels import triton_enabled
 from kvfold.attention_backends.fourier.paged import visible, write_request
+from kvfold.attention_backends.fourier.rebuild import visible_heads
 from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
 
 
@@ -34,11 +35,12 @@ def attend_step(
     window: int,
 ) -> HeadTables | None:
     """Attend ``requests`` = ``(row, first query token, end query token, KV length after the step)``
-    and store their tokens; returns the layer's head tables (built on the first fast decode)."""
+    and store their tokens; returns the layer's head tables (built on first use)."""
     for i, start, end, seq_len in requests:
         if end - start > 1:
             past = seq_len - (end - start)
-            k, v = visible(arena, layer, block_table[i], past, window)
+            tables = tables or HeadTables.build(arena, layer)
+            k, v = visible_heads(arena, tables, block_table[i], past, window)
             k = torch.cat([k, key[start:end].float()])
             v = torch.cat([v, value[start:end].float()])
             out = prefill_attention(query[start:end], k.to(query.dtype), v.to(query.dtype), scale, past)
