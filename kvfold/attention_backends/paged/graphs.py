@@ -52,8 +52,9 @@ def bucket(n: int, sizes: Sequence[int] = (1, 2, 4, 8)) -> int:
 class GraphedStep:
     """``fn(*tensors, **static) -> tuple[Tensor, ...]`` replayed as a CUDA graph per key.
 
-    ``static`` (hashable values the step's shapes or launch grids depend on) joins the key; the
-    key must fix every input's shape.
+    ``static`` (hashable values the step's shapes or launch grids depend on) and the inputs' shapes
+    and dtypes join the key, so an input of a new shape captures a new graph instead of failing to
+    copy into an old one's buffers. Callers pad inputs to few shapes to keep the graphs few.
     """
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
@@ -64,7 +65,7 @@ class GraphedStep:
     def __call__(self, key: Hashable, *inputs: torch.Tensor, **static: Hashable) -> tuple[torch.Tensor, ...]:
         if not inputs or not enabled(inputs[0].device):
             return self.fn(*inputs, **static)
-        key = (key, tuple(sorted(static.items())))
+        key = (key, tuple(sorted(static.items())), tuple((x.shape, x.dtype) for x in inputs))
         entry = self.graphs.get(key)
         if entry is not None:
             graph, buffers, outputs = entry

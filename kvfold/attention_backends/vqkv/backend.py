@@ -37,6 +37,8 @@ NAME = "KVFOLD_VQKV"
 # The decode kernel's longest range is rounded up to a multiple of this (empty splits cost little),
 # so a decode step's CUDA graph serves this many steps of growth.
 LONGEST_STEP = 1024
+# Block-table rows are padded to a multiple of this many columns for the same reason.
+TABLE_COLUMNS = 64
 
 
 @lru_cache(maxsize=8)
@@ -130,8 +132,8 @@ class VQKVImpl(KvfoldImpl):
             rows, starts, seq_lens, longest, num = decode
             self._step = (kv_cache, layout, books)
             (out,) = self._graphed_decode(
-                (kv_cache_key(kv_cache), rows.numel()), query[starts], key[starts], value[starts],
-                metadata.block_table[rows], seq_lens, longest=longest,
+                kv_cache_key(kv_cache), query[starts], key[starts], value[starts],
+                padded_table(metadata.block_table[rows]), seq_lens, longest=longest,
             )
             output[starts[:num]] = out[:num].to(output.dtype)
         for i, start, end, seq_len in metadata.requests():
@@ -172,6 +174,12 @@ def decode_batch(
                      longest, len(decoding))
         metadata.scratch["vqkv_decode"] = batch
     return metadata.scratch["vqkv_decode"]
+
+
+def padded_table(table: torch.Tensor, columns: int = TABLE_COLUMNS) -> torch.Tensor:
+    """Block-table rows widened with null blocks to a multiple of ``columns``: vLLM hands over as
+    many columns as the step's longest request needs, which would make a new graph every block."""
+    return torch.nn.functional.pad(table, (0, -table.shape[1] % columns))
 
 
 def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
