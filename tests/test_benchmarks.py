@@ -362,3 +362,24 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         "kernels-nvidia-h100-80gb-hbm3-bandwidth.png"])
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer decode step
+
+
+def test_decode_step_runs_each_kvfold_backend_on_cpu(tmp_path: Path) -> None:
+    from benchmarks import decode_step
+
+    out = tmp_path / "decode-step.json"
+    assert decode_step.main(["--device", "cpu", "--context", "1100", "--chunk", "1024", "--batches",
+                             "1,2", "--decode-steps", "2", "--budget", "512", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in decode_step.KVFOLD_BACKENDS:
+        result = report["backends"][name]
+        assert sorted(result["decode_step_ms"]) == ["1", "2"]
+        assert all(t["median"] > 0 and t["steps"] == 2 for t in result["decode_step_ms"].values())
+        assert result["prefill_chunk_ms"]["steps"] == 2 * 2  # two requests, two chunks each
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        decode_step.main(["--device", "cpu", "--backends", "FLASH_ATTN", "--out", str(out)])

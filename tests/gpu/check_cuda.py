@@ -1,7 +1,7 @@
 """On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
 
 Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
-    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels|vqkv]
+    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels|vqkv|paged|serve]
 Writes OUT_DIR/cuda_check.json and the engine logs. "dense" compares greedy tokens of KVFOLD_DENSE
 (by name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
 then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" compares KVFOLD_TREEKV
@@ -10,6 +10,8 @@ serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases
 decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
 Triton decode kernel over codes and its encode kernel against their torch specifications
 (tests/test_vqkv_kernels.py, tests/test_vqkv_encode.py) on CUDA.
+"paged" runs TreeKV's kernel cases and the paged-step tests of TreeKV and VQKV, with and without
+CUDA graphs, and starts no engine.
 "serve" serves KVFOLD_VQKV and KVFOLD_FOURIER in bfloat16 with `kvfold serve` and sends prompts far
 beyond their exact windows (random codebooks / dims: the serving mechanics do not depend on them).
 """
@@ -155,22 +157,7 @@ def check_vqkv(out: Path, model: Path) -> dict:
             report[name] = {"rows_encoded_differently": test_vqkv_encode.check_case(case, "cuda")}
         except Exception as exc:
             report[name] = {"error": repr(exc)[:2000]}
-    # The paged backend (decode and encode through the kernels) against the reference, on CUDA.
-    import test_vqkv_paged
-    from test_vqkv_paged import files
-
-    books = Path(tempfile.mkdtemp())
-    files.write_manifest(books, files.CodebookManifest(
-        num_layers=2, num_kv_heads=test_vqkv_paged.HK, head_size=test_vqkv_paged.D,
-        head_size_v=test_vqkv_paged.D, key_stages=test_vqkv_paged.KEY_STAGES,
-        value_stages=test_vqkv_paged.VALUE_STAGES))
-    for layer in range(2):
-        files.save_layer(books, layer, test_vqkv_paged.random_books(layer))
-    try:
-        test_vqkv_paged.run_paged_steps(test_vqkv_paged.make_config(model, books), "cuda")
-        report["vqkv paged steps = reference (cuda)"] = "passed"
-    except Exception as exc:
-        report["vqkv paged steps = reference (cuda)"] = {"error": repr(exc)[:2000]}
+    books = vqkv_paged_steps(model, report)
     # In an engine, sequences inside the exact window must give exact attention's tokens.
     common = {"enable_prefix_caching": False}
     triton = run_engine(out, "vq_triton_fp32", model, "float32", attention_backend="TRITON_ATTN", **common)
@@ -228,6 +215,39 @@ def check_serve(out: Path, model: Path, only: str | None = None) -> dict:
     return report
 
 
+def vqkv_paged_steps(model: Path, report: dict) -> Path:
+    """VQKV's paged backend (decode and encode through the kernels) against the reference on CUDA,
+    with its decode steps replayed as CUDA graphs (strict: a failed capture fails) and eagerly."""
+    import test_vqkv_paged
+    from test_vqkv_paged import files
+
+    books = Path(tempfile.mkdtemp())
+    files.write_manifest(books, files.CodebookManifest(
+        num_layers=2, num_kv_heads=test_vqkv_paged.HK, head_size=test_vqkv_paged.D,
+        head_size_v=test_vqkv_paged.D, key_stages=test_vqkv_paged.KEY_STAGES,
+        value_stages=test_vqkv_paged.VALUE_STAGES))
+    for layer in range(2):
+        files.save_layer(books, layer, test_vqkv_paged.random_books(layer))
+    for graphs in ("strict", "0"):
+        os.environ["KVFOLD_CUDA_GRAPHS"] = graphs
+        label = f"vqkv paged steps = reference (cuda, graphs {graphs})"
+        try:
+            test_vqkv_paged.run_paged_steps(test_vqkv_paged.make_config(model, books), "cuda")
+            report[label] = "passed"
+        except Exception as exc:
+            report[label] = {"error": repr(exc)[:2000]}
+    os.environ.pop("KVFOLD_CUDA_GRAPHS")
+    return books
+
+
+def check_paged(out: Path, model: Path) -> dict:
+    """No engines: TreeKV's kernels and paged steps, then VQKV's paged steps, on CUDA."""
+    sys.path.insert(0, str(HERE.parent))
+    report = check_kernels(out, model)
+    vqkv_paged_steps(model, report)
+    return report
+
+
 def main(out_dir: str, which: str = "dense", only: str | None = None) -> None:
     from kvfold.serving import Server
     from kvfold.tiny_model import write_tiny_model
@@ -236,7 +256,8 @@ def main(out_dir: str, which: str = "dense", only: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
-    checks = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv, "serve": check_serve}
+    checks = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv, "serve": check_serve,
+              "paged": check_paged}
     if which in checks:
         report = checks[which](out, model, only) if which == "serve" else checks[which](out, model)
         (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
