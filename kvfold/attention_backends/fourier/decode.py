@@ -18,6 +18,7 @@ from kvfold.attention_backends.fourier import kernels, spectral
 from kvfold.attention_backends.fourier.arena import CacheArena
 from kvfold.attention_backends.fourier.layout import KINDS, STAT_ROWS, Item
 from kvfold.attention_backends.fourier.paged import MAX, MIN, OFFSET, SCALE, SUM, write_request
+from kvfold.attention_backends.paged.metadata import to_device
 
 UPDATE, COMPRESSED = 1, 2  # request flags of the kernels
 
@@ -199,7 +200,7 @@ def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Ten
                which: tuple[int, ...]) -> torch.Tensor:
     """``[R, H, len(which), Dc]`` statistics rows of every head (zeros beyond a head's dims)."""
     base = 2 * arena.layout.freqs
-    idx = torch.tensor([base + w for w in which], device=rows.device)[None, None, :]
+    idx = to_device(torch.tensor([base + w for w in which]), rows.device)[None, None, :]
     addr = row_addresses(arena, tables, kind, True, rows, idx.expand(rows.shape[0], tables.table.shape[0], -1))
     return gather_state(arena.typed(torch.float32), addr // 4, tables, kind)
 
@@ -245,7 +246,7 @@ def write_batched(
     takes = batched & (entering >= sink)
     middle = (entering - sink).clamp(min=0)  # before the first compression: exact, in the coef rows
     per = layout.middle_per_row
-    stat_rows = (2 * freqs + torch.tensor([SUM, MIN, MAX], device=n.device))[None, None, :].expand(num_reqs, heads, -1)
+    stat_rows = (2 * freqs + to_device(torch.tensor([SUM, MIN, MAX]), n.device))[None, None, :].expand(num_reqs, heads, -1)
     enter = {}
     for kind, x in zip(KINDS, (key, value)):
         kept = x.reshape(num_reqs, -1)[:, tables.kept_cols[kind]]

@@ -18,6 +18,7 @@ from kvfold.attention_backends.fourier.kernels import triton_enabled
 from kvfold.attention_backends.fourier.paged import visible, write_request
 from kvfold.attention_backends.fourier.rebuild import visible_heads
 from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
+from kvfold.attention_backends.paged.metadata import to_device
 
 
 def attend_step(
@@ -53,8 +54,8 @@ def attend_step(
     decode = [(i, start, seq_len) for i, start, end, seq_len in requests if end - start == 1]
     if decode and fast:
         tables = tables or HeadTables.build(arena, layer)
-        rows = torch.tensor([i for i, _, _ in decode], device=query.device)
-        starts = torch.tensor([s for _, s, _ in decode], device=query.device)
+        rows = to_device(torch.tensor([i for i, _, _ in decode]), query.device)
+        starts = to_device(torch.tensor([s for _, s, _ in decode]), query.device)
         out = decode_step(arena, tables, layer, query[starts], key[starts], value[starts],
                           block_table[rows], [n for _, _, n in decode], scale=scale, window=window)
         output[starts] = out.to(output.dtype)

@@ -23,7 +23,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
-from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 from kvfold.attention_backends.treekv.pages import PageViews, content_bytes
@@ -140,7 +140,7 @@ class TreeKVImpl(KvfoldImpl):
         scratch_key = ("treekv-decode", self.options.budget)
         batch = metadata.scratch.get(scratch_key)
         if batch is None:  # built by the step's first layer, reused by the others
-            reqs = torch.tensor([i for i, _, _ in decoding], device=query.device)
+            reqs = to_device(torch.tensor([i for i, _, _ in decoding]), query.device)
             batch = DecodeBatch.build(
                 [start for _, start, _ in decoding], [seq_len for _, _, seq_len in decoding],
                 metadata.block_table[reqs], metadata.slot_mapping, self.options.budget,

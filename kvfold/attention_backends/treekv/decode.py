@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvfold.attention_backends.paged.metadata import to_device
 from kvfold.attention_backends.treekv.kernels import decode_attention
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 from kvfold.attention_backends.treekv.pages import PageViews
@@ -63,7 +64,7 @@ class DecodeBatch:
         # so at most budget + block_size positions are live.
         first = ((seq - 1 - budget).clamp(min=0) // block_size) * block_size
         width = max(budget + block_size, min_width)
-        first, seq = first.to(dev, non_blocking=True), seq.to(dev, non_blocking=True)
+        first, seq = to_device(first, dev), to_device(seq, dev)
         natural = first[:, None] + torch.arange(width, device=dev)
         in_range = natural < seq[:, None]
         table = torch.zeros(padded, block_table.shape[1], dtype=block_table.dtype, device=dev)
@@ -71,7 +72,7 @@ class DecodeBatch:
         column = (natural // block_size).clamp(max=block_table.shape[1] - 1)
         blocks = table.long().gather(1, column)
         slots = torch.where(in_range, blocks * block_size + natural % block_size, NULL_SLOT)
-        rows_t = torch.tensor(list(rows) + [0] * (padded - num_reqs), device=dev)
+        rows_t = to_device(torch.tensor(list(rows) + [0] * (padded - num_reqs)), dev)
         new_slots = torch.where(torch.arange(padded, device=dev) < num_reqs,
                                 slot_mapping[rows_t].long(), NULL_SLOT)
         return cls(rows_t, seq, new_slots, slots, natural, in_range)

@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
-from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
 from kvfold.attention_backends.vqkv.decode import decode_step
@@ -167,10 +167,10 @@ def decode_batch(
             coded = computed - layout.recent - computed.clamp(max=layout.sink)
             longest = -(-max(int(coded.max()), 0) // LONGEST_STEP) * LONGEST_STEP
             pad = bucket(len(decoding)) - len(decoding)
-            batch = (torch.tensor(decoding + [0] * pad, device=device),
-                     torch.cat([metadata.query_start_loc_cpu[decoding], torch.zeros(pad, dtype=torch.long)]
-                               ).to(device),
-                     torch.cat([seq_lens, torch.ones(pad, dtype=seq_lens.dtype)]).to(device),
+            batch = (to_device(torch.tensor(decoding + [0] * pad), device),
+                     to_device(torch.cat([metadata.query_start_loc_cpu[decoding],
+                                          torch.zeros(pad, dtype=torch.long)]), device),
+                     to_device(torch.cat([seq_lens, torch.ones(pad, dtype=seq_lens.dtype)]), device),
                      longest, len(decoding))
         metadata.scratch["vqkv_decode"] = batch
     return metadata.scratch["vqkv_decode"]
@@ -187,7 +187,7 @@ def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Te
     cached = metadata.scratch.get("vqkv_tokens")
     if cached is None:
         request, positions = _host_tokens(metadata)
-        cached = (request.to(device), positions.to(device))
+        cached = (to_device(request, device), to_device(positions, device))
         metadata.scratch["vqkv_tokens"] = cached
     return cached
 
@@ -206,7 +206,7 @@ def kept_tokens(metadata: PagedMetadata, layout: PageLayout, device: torch.devic
     if cached is None:
         request, positions = _host_tokens(metadata)
         kept = layout.is_kept_exact(positions, metadata.seq_lens_cpu[request]).nonzero().flatten()
-        cached = metadata.scratch["vqkv_kept"] = kept.to(device)
+        cached = metadata.scratch["vqkv_kept"] = to_device(kept, device)
     return cached
 
 
