@@ -22,6 +22,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
+from kvfold.attention_backends.paged.counts import DeferredCount
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
 from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
@@ -98,6 +99,7 @@ class TreeKVImpl(KvfoldImpl):
         TreeKVImpl._reporter_taken = True
         self._pages: PageViews | None = None  # this step's views, read by the graphed decode
         self._graphed_decode = GraphedStep(self._decode)
+        self._decode_evictions = DeferredCount()  # read without a host sync, a step late on CUDA
 
     def attend(
         self,
@@ -113,7 +115,7 @@ class TreeKVImpl(KvfoldImpl):
         evicted = 0
         decoding = [(i, start, seq_len) for i, start, end, seq_len in metadata.requests() if end - start == 1]
         if decoding:
-            evicted += self._decode_step(pages, metadata, decoding, query, key, value, output)
+            self._decode_step(pages, metadata, decoding, query, key, value, output)
         for i, start, end, seq_len in metadata.requests():
             if end - start == 1:
                 continue
@@ -123,8 +125,10 @@ class TreeKVImpl(KvfoldImpl):
             )
             output[start:end] = out.to(output.dtype)
             evicted += dropped
-        if evicted and self._reports_evictions:
-            self.metrics.tokens_evicted(evicted)
+        if self._reports_evictions:
+            evicted += self._decode_evictions.take()
+            if evicted:
+                self.metrics.tokens_evicted(evicted)
 
     def _decode_step(
         self,
@@ -135,8 +139,8 @@ class TreeKVImpl(KvfoldImpl):
         key: torch.Tensor,
         value: torch.Tensor,
         output: torch.Tensor,
-    ) -> int:
-        """All one-token requests of the step at once; returns the tokens evicted (if reported)."""
+    ) -> None:
+        """All one-token requests of the step at once; the reporting layer counts its evictions."""
         scratch_key = ("treekv-decode", self.options.budget)
         batch = metadata.scratch.get(scratch_key)
         if batch is None:  # built by the step's first layer, reused by the others
@@ -154,7 +158,8 @@ class TreeKVImpl(KvfoldImpl):
         key_ = (kv_cache_key(pages.raw), rows.numel())
         out, over = self._graphed_decode(key_, query[rows], key[rows], value[rows], *batch.tensors)
         output[rows[:num]] = out[:num].to(output.dtype)
-        return int(over[:num].sum()) if self._reports_evictions else 0
+        if self._reports_evictions:
+            self._decode_evictions.add(over[:num].sum())
 
     def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 *batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,28 @@
+"""Small shared pieces of the paged backends that run the same on CPU as on CUDA."""
+
+import torch
+
+from kvfold.attention_backends.paged.counts import DeferredCount
+from kvfold.attention_backends.paged.graphs import bucket
+from kvfold.attention_backends.paged.metadata import to_device
+
+
+def test_deferred_count_returns_each_count_once() -> None:
+    counts = DeferredCount()
+    counts.add(torch.tensor(3))
+    counts.add(torch.tensor([4]).sum())
+    assert counts.take() == 7
+    assert counts.take() == 0
+    counts.add(torch.tensor(0))
+    counts.add(torch.tensor(5))
+    assert counts.take() == 5
+
+
+def test_buckets_are_vllm_capture_sizes() -> None:
+    assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 24]
+
+
+def test_to_device_copies_values() -> None:
+    host = torch.arange(5)
+    moved = to_device(host, torch.device("cpu"))
+    assert torch.equal(moved, host)
