@@ -26,3 +26,13 @@ def test_to_device_copies_values() -> None:
     host = torch.arange(5)
     moved = to_device(host, torch.device("cpu"))
     assert torch.equal(moved, host)
+
+
+def test_invariants_are_checked_on_cpu_and_on_request_on_cuda(monkeypatch) -> None:
+    from kvfold.attention_backends.paged.counts import check_invariants
+
+    monkeypatch.delenv("KVFOLD_CHECK_INVARIANTS", raising=False)
+    assert check_invariants(torch.device("cpu"))
+    assert not check_invariants(torch.device("cuda"))
+    monkeypatch.setenv("KVFOLD_CHECK_INVARIANTS", "1")
+    assert check_invariants(torch.device("cuda"))

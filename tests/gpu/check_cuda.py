@@ -256,6 +256,7 @@ def main(out_dir: str, which: str = "dense", only: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-llama")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
+    os.environ.setdefault("KVFOLD_CHECK_INVARIANTS", "1")  # the cache checks CPU runs always do
     checks = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv, "serve": check_serve,
               "paged": check_paged}
     if which in checks:

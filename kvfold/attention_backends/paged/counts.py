@@ -1,10 +1,18 @@
-"""Device-side counts read on the host without a sync, for metrics that may arrive a step late."""
+"""Device-side numbers the host reads without stalling: counts for metrics that may arrive a step
+late, and invariant checks that run where a sync is free."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
+
+
+def check_invariants(device: torch.device) -> bool:
+    """Whether to verify a cache invariant that costs a device sync to read: always on CPU (free
+    there, and what the tests run), on CUDA only with ``KVFOLD_CHECK_INVARIANTS=1``."""
+    return device.type != "cuda" or os.environ.get("KVFOLD_CHECK_INVARIANTS") == "1"
 
 
 class DeferredCount:

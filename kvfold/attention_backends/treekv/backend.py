@@ -22,7 +22,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, SlidingWindowSpec
 
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
-from kvfold.attention_backends.paged.counts import DeferredCount
+from kvfold.attention_backends.paged.counts import DeferredCount, check_invariants
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
 from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
@@ -196,7 +196,9 @@ class TreeKVImpl(KvfoldImpl):
         boundary = max(seq_len - budget, 0) // block_size * block_size
 
         tree = ChunkTreeKV(self.options, self.scale, self.inv_freq, self.dtype)
-        old_slots = self._read_entries(pages, slots[: num_old - first], tree, num_new == 1)
+        # A head holds every token until the budget is reached, then exactly `budget`.
+        held = min(num_old, budget)
+        old_slots = self._read_entries(pages, slots[: num_old - first], tree, num_new == 1, held)
         out = tree.extend(query, key, value, num_old)
         dropped = old_slots.shape[1] + num_new - tree.cache.size
 
@@ -211,10 +213,13 @@ class TreeKVImpl(KvfoldImpl):
         return out, dropped
 
     def _read_entries(
-        self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV, decoding: bool
+        self, pages: PageViews, candidates: torch.Tensor, tree: TreeKV, decoding: bool, num: int
     ) -> torch.Tensor:
-        """Load the kept entries found in ``candidates`` slots into ``tree``; returns their slots.
+        """Load the ``num`` kept entries of each head found in ``candidates`` slots into ``tree``;
+        returns their slots.
 
+        ``num`` is known on the host, so the step needs no device sync to size its tensors; where
+        checks are free (CPU, or ``KVFOLD_CHECK_INVARIANTS=1``) the cache is checked to hold it.
         The tree cursor only matters to a decode step (a prefill chunk restarts it), so only then
         is it read (a device sync).
         """
@@ -223,10 +228,10 @@ class TreeKVImpl(KvfoldImpl):
         blk, off = candidates // block_size, candidates % block_size
         position = pages.position[blk, :, off].T  # [Hk, S]
         valid = position >= 0
-        counts = valid.sum(1)
-        if counts.numel() and bool((counts != counts[0]).any()):
-            raise RuntimeError(f"{NAME}: KV heads hold different entry counts {counts.tolist()}")
-        num = int(counts[0]) if counts.numel() else 0
+        if check_invariants(candidates.device):
+            counts = valid.sum(1)
+            if bool((counts != num).any()):
+                raise RuntimeError(f"{NAME}: KV heads hold {counts.tolist()} entries, expected {num}")
         if num == 0:
             return candidates.new_empty(heads, 0)
         sentinel = torch.iinfo(torch.int32).max
@@ -266,7 +271,7 @@ class TreeKVImpl(KvfoldImpl):
         occupied.scatter_(1, torch.where(stays, perm[at], surviving.numel()), True)
         free = ~occupied[:, :-1]  # [H, S] in surviving (natural) order
         movers = ~stays
-        if bool((movers.sum(1) > free.sum(1)).any()):
+        if check_invariants(current.device) and bool((movers.sum(1) > free.sum(1)).any()):
             raise RuntimeError(f"{NAME}: more entries to move than free surviving slots")
         # The k-th mover (in kept order) takes the k-th free slot (in natural order).
         free_first = (~free).to(torch.int8).argsort(dim=1, stable=True)
