@@ -44,10 +44,22 @@ def make_config(model, dims_dir, dtype: str = "float32", **options) -> VllmConfi
     )
 
 
-@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("order,dtype", [("layer-major", "float32"), ("block-major", "bfloat16")])
-def test_paged_steps_equal_the_stream(tiny_llama, dims_dir, order: str, dtype: str, kernel: str) -> None:
+@pytest.mark.parametrize("order,dtype,kernel", [
+    pytest.param(order, dtype, kernel, marks=[pytest.mark.triton] if "triton" in kernel else [])
+    for order, dtype, kernel in [
+        *[(o, d, k) for o, d in (("layer-major", "float32"), ("block-major", "bfloat16"))
+          for k in ("torch", "triton")],
+        ("layer-major", "float32", "triton, one request per group"),
+    ]
+])
+def test_paged_steps_equal_the_stream(tiny_llama, dims_dir, order: str, dtype: str, kernel: str,
+                                      monkeypatch) -> None:
+    from kvfold.attention_backends.fourier import step
     from kvfold.attention_backends.fourier.kernels import triton_enabled
+
+    if kernel.endswith("group"):  # the scratch bound splits every decode batch into single requests
+        monkeypatch.setattr(step, "SCRATCH_BYTES", 1)
+    kernel = kernel.split(",")[0]
 
     assert triton_enabled(torch.device("cpu")) == (kernel == "triton")
     config = make_config(tiny_llama, dims_dir, dtype)
@@ -106,6 +118,20 @@ def test_spec_and_layout(tiny_llama, dims_dir) -> None:
                     assert not pages & taken and item.rows_per_page * item.row_bytes <= layout.page_bytes
                     taken |= pages
     assert max(taken) < layout.num_layers * layout.reserved_blocks
+
+
+def test_decode_groups_bound_the_step_scratch() -> None:
+    from kvfold.attention_backends.fourier.step import SCRATCH_BUFFERS, decode_groups
+
+    decode = [(0, 0, 100), (1, 1, 5000), (2, 2, 64), (3, 3, 4990), (4, 4, 70)]
+    per = 32 * 4 * SCRATCH_BUFFERS  # bytes per request and token of its group's longest, 32 heads
+    assert decode_groups(decode, 32, limit=10**12) == [sorted(decode, key=lambda d: -d[2])]
+    # Two requests of 5,056 tokens (5,000 rounded up to 64) fit, a third does not; the short ones
+    # (128 tokens after rounding) share the next group.
+    groups = decode_groups(decode, 32, limit=2 * 5056 * per)
+    assert groups == [[(1, 1, 5000), (3, 3, 4990)], [(0, 0, 100), (4, 4, 70), (2, 2, 64)]]
+    assert sorted(sum(groups, [])) == decode  # every request once
+    assert decode_groups(decode, 32, limit=1) == [[d] for d in sorted(decode, key=lambda d: -d[2])]
 
 
 @pytest.mark.parametrize("options,message", [

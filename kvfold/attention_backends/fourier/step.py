@@ -21,6 +21,32 @@ from kvfold.attention_backends.paged.attention import causal_gqa_attention, pref
 from kvfold.attention_backends.paged.metadata import to_device
 
 
+# A decode step allocates float32 scratch of [requests, query heads, longest request] several times
+# over (spectral scores, exported probabilities and their rescaling: at most 6 live at once).
+# vLLM's profiling run, where nothing is cached, never sees it, so it is bounded here: decoding
+# requests go through the kernels in groups whose scratch stays under SCRATCH_BYTES.
+SCRATCH_BUFFERS = 6
+SCRATCH_BYTES = 512 << 20
+
+
+def decode_groups(
+    decode: Sequence[tuple[int, int, int]], num_heads: int, limit: int | None = None
+) -> list[list[tuple[int, int, int]]]:
+    """``decode`` = ``(row, query token, KV length)`` split into groups whose step scratch fits
+    ``limit`` bytes (:data:`SCRATCH_BYTES`), longest requests first so lengths in a group are alike;
+    a request too long for the limit alone still gets a group of its own."""
+    limit = SCRATCH_BYTES if limit is None else limit
+    groups: list[list[tuple[int, int, int]]] = []
+    for item in sorted(decode, key=lambda d: -d[2]):
+        if groups:
+            longest = -(-groups[-1][0][2] // 64) * 64  # the group's first is its longest
+            if (len(groups[-1]) + 1) * num_heads * longest * 4 * SCRATCH_BUFFERS <= limit:
+                groups[-1].append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
 def attend_step(
     arena: CacheArena,
     layer: int,
@@ -52,12 +78,12 @@ def attend_step(
             write_request(arena, layer, block_table[i], key[start:end], value[start:end],
                           seq_len - (end - start), prefill=end - start > 1, window=window)
     decode = [(i, start, seq_len) for i, start, end, seq_len in requests if end - start == 1]
-    if decode and fast:
+    for group in decode_groups(decode, query.shape[1]) if fast else ():
         tables = tables or HeadTables.build(arena, layer)
-        rows = to_device(torch.tensor([i for i, _, _ in decode]), query.device)
-        starts = to_device(torch.tensor([s for _, s, _ in decode]), query.device)
+        rows = to_device(torch.tensor([i for i, _, _ in group]), query.device)
+        starts = to_device(torch.tensor([s for _, s, _ in group]), query.device)
         out = decode_step(arena, tables, layer, query[starts], key[starts], value[starts],
-                          block_table[rows], [n for _, _, n in decode], scale=scale, window=window)
+                          block_table[rows], [n for _, _, n in group], scale=scale, window=window)
         output[starts] = out.to(output.dtype)
     for i, start, seq_len in decode if not fast else ():
         k, v = visible(arena, layer, block_table[i], seq_len, window)
