@@ -129,8 +129,10 @@ def metadata(rows: list[tuple[int, int, int]], tables: torch.Tensor, reserved: i
 def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.device) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     total = args.context + (args.decode_steps + 2) * len(batches) + 16
-    options: dict[str, Any] = {"budget": args.budget, "positions": args.treekv_positions} if name == "KVFOLD_TREEKV" else {
-        "codebooks": str(write_shape_codebooks(load_config(model_dir), Path(tempfile.mkdtemp())))}
+    if name == "KVFOLD_TREEKV":
+        options: dict[str, Any] = {"budget": args.budget, "positions": args.treekv_positions}
+    else:  # random codebooks of the model's shape: the cost depends on the shape only
+        options = {"codebooks": str(write_shape_codebooks(load_config(model_dir), Path(tempfile.mkdtemp())))}
     impl, shape = build_impl(name, model_dir, total + BLOCK, options)
     heads, kv_heads, head_dim = shape
     reqs = max(batches)

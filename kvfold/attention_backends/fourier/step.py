@@ -1,9 +1,10 @@
 """One layer's FourierAttention step over a batch of requests, independent of vLLM's classes.
 
 Order (the semantics of :mod:`stream`): prefill chunks attend to the cache as it was plus themselves
-exactly (the past rebuilt for all heads at once, :mod:`rebuild`); then every request's tokens enter the cache; then decoding tokens attend to the cache that
-now holds them. Decoding runs through the Triton kernels where Triton runs (:mod:`decode`), else
-through the torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
+exactly (the past rebuilt for all heads at once, :mod:`rebuild`); then every request's tokens enter
+the cache; then decoding tokens attend to the cache that now holds them. Decoding runs through the
+Triton kernels where Triton runs (:mod:`decode`, in groups of bounded scratch), else through the
+torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
 """
 
 from __future__ import annotations
