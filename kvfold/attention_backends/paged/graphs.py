@@ -15,6 +15,13 @@ before the next call with the same key.
 
 Off on CPU, while another capture is under way, and with ``KVFOLD_CUDA_GRAPHS=0``. A step that
 cannot be captured logs a warning and stays eager (``KVFOLD_CUDA_GRAPHS=strict`` raises instead).
+
+Each graph keeps copies of its inputs and its outputs; the pool's other memory is reused from
+graph to graph. That memory is outside vLLM's KV-cache accounting (the graphs are captured while
+serving, after vLLM sized the cache), and a graph per layer, batch size and shape adds up: TreeKV
+at 8B shape holds about 63 KB per request per layer and graph, 2.8 GB over 32 layers for every
+batch size up to 144. So the graphs of a process hold at most ``KVFOLD_CUDA_GRAPH_MEMORY_MB``
+(default 1024) of inputs and outputs; shapes that come later run eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +35,24 @@ import torch
 
 logger = logging.getLogger(__name__)
 _pool: Any = None
+_held_bytes = 0  # inputs and outputs kept by every graph of this process
+_cap_reported = False
+
+
+def memory_limit() -> int:
+    """Bytes of inputs and outputs all graphs may keep (``KVFOLD_CUDA_GRAPH_MEMORY_MB``)."""
+    raw = os.environ.get("KVFOLD_CUDA_GRAPH_MEMORY_MB", "1024")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise ValueError(f"KVFOLD_CUDA_GRAPH_MEMORY_MB={raw!r} is not a number of megabytes") from None
+    if megabytes < 0:
+        raise ValueError(f"KVFOLD_CUDA_GRAPH_MEMORY_MB={raw!r} is negative")
+    return int(megabytes * (1 << 20))
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def enabled(device: torch.device) -> bool:
@@ -60,6 +85,7 @@ class GraphedStep:
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.fn = fn
         self.failed = False
+        memory_limit()  # a bad KVFOLD_CUDA_GRAPH_MEMORY_MB stops the start-up, not a later step
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, key: Hashable, *inputs: torch.Tensor, **static: Hashable) -> tuple[torch.Tensor, ...]:
@@ -74,19 +100,35 @@ class GraphedStep:
             graph.replay()
             return outputs
         result = self.fn(*inputs, **static)  # the real step, and the warm-up the capture needs
-        if not self.failed:
+        needed = tensor_bytes(inputs) + tensor_bytes(result)
+        if not self.failed and self._affordable(needed):
             try:
                 self.graphs[key] = self._capture(inputs, static)
             except RuntimeError as exc:
                 if os.environ.get("KVFOLD_CUDA_GRAPHS") == "strict":  # the GPU checks
                     raise
                 # The step stays correct eagerly; say so once instead of stopping the server.
-                global _pool
+                global _pool, _held_bytes
+                _held_bytes -= needed
                 _pool = None  # a failed capture leaves its pool unusable for the next one
                 self.failed = True
                 logger.warning("kvfold: %s cannot be captured as a CUDA graph (%s); it runs eagerly",
                                getattr(self.fn, "__qualname__", self.fn), exc)
         return result
+
+    @staticmethod
+    def _affordable(needed: int) -> bool:
+        """Whether a new graph keeping ``needed`` bytes fits the limit; if so, they are booked."""
+        global _held_bytes, _cap_reported
+        limit = memory_limit()
+        if _held_bytes + needed > limit:
+            if not _cap_reported:
+                _cap_reported = True
+                logger.warning("kvfold: CUDA graphs hold %.0f MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=%.0f); "
+                               "steps of new shapes run eagerly", _held_bytes / (1 << 20), limit / (1 << 20))
+            return False
+        _held_bytes += needed
+        return True
 
     def _capture(self, inputs: Sequence[torch.Tensor], static: dict[str, Hashable]):
         global _pool
