@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -168,8 +169,15 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
     return report
 
 
-def run_flash(model_dir: Path, args: argparse.Namespace, dev: torch.device) -> dict:
-    """vLLM's FLASH_ATTN decode work for one layer: cache write of the new token, paged attention."""
+def window_of(name: str) -> int | None:
+    """The window of a ``SLIDING_WINDOW_N`` name (vLLM's sliding window on FLASH_ATTN), else None."""
+    match = re.fullmatch(r"SLIDING_WINDOW_(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def run_flash(model_dir: Path, args: argparse.Namespace, dev: torch.device, window: int | None = None) -> dict:
+    """vLLM's FLASH_ATTN decode work for one layer: cache write of the new token, paged attention
+    (over the last ``window`` tokens only, as vLLM runs a sliding-window model, when given)."""
     from vllm import _custom_ops as ops
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -200,7 +208,8 @@ def run_flash(model_dir: Path, args: argparse.Namespace, dev: torch.device) -> d
                 flash_attn_varlen_func(
                     q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
                     seqused_k=seq_lens, max_seqlen_k=args.context + 1, softmax_scale=head_dim**-0.5,
-                    causal=True, block_table=tables[:batch], fa_version=args.fa_version)
+                    causal=True, block_table=tables[:batch], fa_version=args.fa_version,
+                    window_size=[window - 1, 0] if window else None)
             return forward
 
         for _ in range(2):
@@ -218,16 +227,18 @@ def run(args: argparse.Namespace) -> dict:
         "per": "one attention layer", "backends": {},
     }
     names = [n for n in args.backends.split(",") if n]
-    unknown = sorted(set(names) - set(KVFOLD_BACKENDS) - {"FLASH_ATTN"})
+    flash = [n for n in names if n == "FLASH_ATTN" or window_of(n)]
+    unknown = sorted(set(names) - set(KVFOLD_BACKENDS) - set(flash))
     if unknown:
-        raise SystemExit(f"unknown backends {unknown}; known: {', '.join(KVFOLD_BACKENDS)}, FLASH_ATTN")
-    if dev.type != "cuda" and "FLASH_ATTN" in names:
-        raise SystemExit("FLASH_ATTN (the baseline) needs CUDA")
+        raise SystemExit(f"unknown backends {unknown}; known: {', '.join(KVFOLD_BACKENDS)}, "
+                         "FLASH_ATTN, SLIDING_WINDOW_N")
+    if dev.type != "cuda" and flash:
+        raise SystemExit(f"{', '.join(flash)} (FlashAttention baselines) need CUDA")
     if dev.type == "cuda" and "FLASH_ATTN" not in names:
         names.append("FLASH_ATTN")  # the baseline is always measured in the same run
     for name in names:
         try:
-            result = (run_flash(model_dir, args, dev) if name == "FLASH_ATTN"
+            result = (run_flash(model_dir, args, dev, window_of(name)) if name in flash
                       else run_kvfold(name, model_dir, args, dev))
         except Exception as exc:  # recorded, so one backend's failure leaves the others' numbers
             if not args.keep_going:
@@ -280,7 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3.1-8b", choices=model_names())
     p.add_argument("--backends", default="KVFOLD_VQKV,KVFOLD_TREEKV",
-                   help="comma-separated; FLASH_ATTN (the baseline, CUDA only) is added on CUDA")
+                   help="comma-separated; FLASH_ATTN (the baseline, CUDA only) is added on CUDA; "
+                        "SLIDING_WINDOW_N is FLASH_ATTN over the last N tokens (CUDA only)")
     p.add_argument("--context", type=int, default=32768, help="tokens per request before decoding")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (as --max-num-batched-tokens)")
     p.add_argument("--batches", default="1,8,16")

@@ -381,5 +381,9 @@ def test_decode_step_runs_each_kvfold_backend_on_cpu(tmp_path: Path) -> None:
         assert all(t["median"] > 0 and t["steps"] == 2 for t in result["decode_step_ms"].values())
         assert result["prefill_chunk_ms"]["steps"] == 2 * 2  # two requests, two chunks each
     assert out.with_suffix(".png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="needs CUDA"):
-        decode_step.main(["--device", "cpu", "--backends", "FLASH_ATTN", "--out", str(out)])
+    for baseline in ("FLASH_ATTN", "SLIDING_WINDOW_2048"):
+        with pytest.raises(SystemExit, match="need CUDA"):
+            decode_step.main(["--device", "cpu", "--backends", baseline, "--out", str(out)])
+    with pytest.raises(SystemExit, match="unknown backends"):
+        decode_step.main(["--device", "cpu", "--backends", "SLIDING_WINDOW", "--out", str(out)])
+    assert decode_step.window_of("SLIDING_WINDOW_2048") == 2048 and decode_step.window_of("FLASH_ATTN") is None
