@@ -54,10 +54,33 @@ def test_graph_memory_is_booked_up_to_its_limit(monkeypatch) -> None:
     assert step("key", x)[0] is x  # on CPU the step runs as is
 
 
-def test_a_bad_graph_memory_limit_is_refused_at_construction(monkeypatch) -> None:
+def test_a_bad_graph_memory_setting_is_refused_at_construction(monkeypatch) -> None:
     from kvfold.attention_backends.paged import graphs
 
-    for raw in ("lots", "-5"):
-        monkeypatch.setenv("KVFOLD_CUDA_GRAPH_MEMORY_MB", raw)
-        with pytest.raises(ValueError, match="KVFOLD_CUDA_GRAPH_MEMORY_MB"):
-            graphs.GraphedStep(lambda x: (x,))
+    for name in ("KVFOLD_CUDA_GRAPH_MEMORY_MB", "KVFOLD_CUDA_GRAPH_HEADROOM_MB"):
+        for raw in ("lots", "-5"):
+            monkeypatch.setenv(name, raw)
+            with pytest.raises(ValueError, match=name):
+                graphs.GraphedStep(lambda x: (x,))
+        monkeypatch.delenv(name)
+
+
+def test_a_capture_needs_headroom_counting_the_allocators_spare_memory() -> None:
+    from kvfold.attention_backends.paged.graphs import room_for
+
+    mib = 1 << 20
+    # 1 GiB free on the device, 3 GiB reserved by the allocator of which 2 GiB in use: 2 GiB spare.
+    free, reserved, allocated = 1024 * mib, 3072 * mib, 2048 * mib
+    assert room_for(10 * mib, free, reserved, allocated, keep=2000 * mib)
+    assert not room_for(100 * mib, free, reserved, allocated, keep=2000 * mib)
+    assert not room_for(0, free, reserved, allocated, keep=2049 * mib)
+
+
+def test_a_capture_books_what_it_keeps_beyond_inputs_and_outputs(monkeypatch) -> None:
+    from kvfold.attention_backends.paged import graphs
+
+    monkeypatch.setattr(graphs, "_held_bytes", 100)
+    graphs.GraphedStep._book(32 << 20)  # a cuBLAS workspace taken inside the capture
+    assert graphs._held_bytes == 100 + (32 << 20)
+    graphs.GraphedStep._book(-5)  # another thread freed memory meanwhile: nothing is returned
+    assert graphs._held_bytes == 100 + (32 << 20)

@@ -21,7 +21,16 @@ graph to graph. That memory is outside vLLM's KV-cache accounting (the graphs ar
 serving, after vLLM sized the cache), and a graph per layer, batch size and shape adds up: TreeKV
 at 8B shape holds about 63 KB per request per layer and graph, 2.8 GB over 32 layers for every
 batch size up to 144. So the graphs of a process hold at most ``KVFOLD_CUDA_GRAPH_MEMORY_MB``
-(default 1024) of inputs and outputs; shapes that come later run eagerly.
+(default 1024) of memory, measured as what stays allocated after each capture (at least its inputs
+and outputs); shapes that come later run eagerly.
+
+All captures use one stream, warmed outside any capture. cuBLAS keeps a workspace per stream
+(32 MiB on Hopper), and a workspace first needed inside a capture is taken from the graphs' pool and
+kept: capturing on a fresh stream each time cost an 8B-shape VQKV server on an H100 about 1 GiB,
+and then a failed capture (out of memory) and a dead engine. A capture also needs
+``KVFOLD_CUDA_GRAPH_HEADROOM_MB`` (default 2048) of the device still free afterwards, so that the
+eager steps keep room; after any failed capture the process stops capturing (its pool is kept:
+memory a graph may reference is never handed back).
 """
 
 from __future__ import annotations
@@ -35,8 +44,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 _pool: Any = None
-_held_bytes = 0  # inputs and outputs kept by every graph of this process
+_stream: Any = None  # the one capture stream, its cuBLAS workspaces made outside any capture
+_held_bytes = 0  # memory kept by every graph of this process
 _cap_reported = False
+_room_reported = False
+_broken = False  # a capture failed: no more captures in this process
 
 
 def memory_limit() -> int:
@@ -49,6 +61,24 @@ def memory_limit() -> int:
     if megabytes < 0:
         raise ValueError(f"KVFOLD_CUDA_GRAPH_MEMORY_MB={raw!r} is negative")
     return int(megabytes * (1 << 20))
+
+
+def headroom() -> int:
+    """Bytes of the device a capture must leave free (``KVFOLD_CUDA_GRAPH_HEADROOM_MB``)."""
+    raw = os.environ.get("KVFOLD_CUDA_GRAPH_HEADROOM_MB", "2048")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise ValueError(f"KVFOLD_CUDA_GRAPH_HEADROOM_MB={raw!r} is not a number of megabytes") from None
+    if megabytes < 0:
+        raise ValueError(f"KVFOLD_CUDA_GRAPH_HEADROOM_MB={raw!r} is negative")
+    return int(megabytes * (1 << 20))
+
+
+def room_for(needed: int, free: int, reserved: int, allocated: int, keep: int) -> bool:
+    """Whether ``needed`` more bytes leave ``keep`` bytes spare: the driver's ``free`` plus what the
+    caching allocator holds unused (``reserved - allocated``)."""
+    return free + reserved - allocated - needed >= keep
 
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -85,10 +115,12 @@ class GraphedStep:
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.fn = fn
         self.failed = False
-        memory_limit()  # a bad KVFOLD_CUDA_GRAPH_MEMORY_MB stops the start-up, not a later step
+        memory_limit()  # a bad setting stops the start-up, not a later step
+        headroom()
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, key: Hashable, *inputs: torch.Tensor, **static: Hashable) -> tuple[torch.Tensor, ...]:
+        global _held_bytes, _broken
         if not inputs or not enabled(inputs[0].device):
             return self.fn(*inputs, **static)
         key = (key, tuple(sorted(static.items())), tuple((x.shape, x.dtype) for x in inputs))
@@ -101,20 +133,38 @@ class GraphedStep:
             return outputs
         result = self.fn(*inputs, **static)  # the real step, and the warm-up the capture needs
         needed = tensor_bytes(inputs) + tensor_bytes(result)
-        if not self.failed and self._affordable(needed):
+        if not self.failed and not _broken and self._room(inputs[0].device, needed) and self._affordable(needed):
             try:
-                self.graphs[key] = self._capture(inputs, static)
+                self.graphs[key], kept = self._capture(inputs, static)
+                self._book(kept - needed)
             except RuntimeError as exc:
                 if os.environ.get("KVFOLD_CUDA_GRAPHS") == "strict":  # the GPU checks
                     raise
                 # The step stays correct eagerly; say so once instead of stopping the server.
-                global _pool, _held_bytes
                 _held_bytes -= needed
-                _pool = None  # a failed capture leaves its pool unusable for the next one
-                self.failed = True
-                logger.warning("kvfold: %s cannot be captured as a CUDA graph (%s); it runs eagerly",
-                               getattr(self.fn, "__qualname__", self.fn), exc)
+                _broken = self.failed = True
+                logger.warning("kvfold: %s cannot be captured as a CUDA graph (%s); kvfold captures no more "
+                               "graphs in this process", getattr(self.fn, "__qualname__", self.fn), exc)
         return result
+
+    @staticmethod
+    def _book(extra: int) -> None:
+        """Add what a capture kept beyond its inputs and outputs (workspaces, leaked intermediates)."""
+        global _held_bytes
+        _held_bytes += max(extra, 0)
+
+    @staticmethod
+    def _room(device: torch.device, needed: int) -> bool:
+        free, _ = torch.cuda.mem_get_info(device)
+        if room_for(needed, free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device),
+                    headroom()):
+            return True
+        global _room_reported
+        if not _room_reported:
+            _room_reported = True
+            logger.warning("kvfold: %.0f MiB of the GPU left, under KVFOLD_CUDA_GRAPH_HEADROOM_MB=%.0f; "
+                           "steps of new shapes run eagerly", free / (1 << 20), headroom() / (1 << 20))
+        return False
 
     @staticmethod
     def _affordable(needed: int) -> bool:
@@ -131,12 +181,15 @@ class GraphedStep:
         return True
 
     def _capture(self, inputs: Sequence[torch.Tensor], static: dict[str, Hashable]):
+        """Returns the graph entry and the bytes it keeps allocated (buffers, outputs, anything else)."""
         global _pool
+        device = inputs[0].device
         if _pool is None:
             _pool = torch.cuda.graph_pool_handle()
+        stream = capture_stream(device)
+        before = torch.cuda.memory_allocated(device)
         buffers = [x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # thread_local: vLLM's other threads (output copies, scheduling) keep working.
@@ -146,4 +199,22 @@ class GraphedStep:
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        return graph, buffers, tuple(outputs)
+        return (graph, buffers, tuple(outputs)), torch.cuda.memory_allocated(device) - before
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The process's capture stream; its first use runs the matrix products the steps use (fp32,
+    16-bit, with a bias: cuBLAS and cuBLASLt) so their workspaces come from the ordinary allocator."""
+    global _stream
+    if _stream is None:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                a = torch.ones(64, 64, device=device, dtype=dtype)
+                torch.addmm(a, a, a)
+                torch.mm(a, a)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        stream.synchronize()
+        _stream = stream
+    return _stream
