@@ -26,8 +26,9 @@ and outputs); shapes that come later run eagerly.
 
 All captures use one stream, warmed outside any capture. cuBLAS keeps a workspace per stream
 (32 MiB on Hopper), and a workspace first needed inside a capture is taken from the graphs' pool and
-kept: capturing on a fresh stream each time cost an 8B-shape VQKV server on an H100 about 1 GiB,
-and then a failed capture (out of memory) and a dead engine. A capture also needs
+kept. Capturing on a stream from torch's pool each time (up to 32 streams) is our reading of why an
+8B-shape VQKV server on an H100 held ~2 GiB of graph pools with inputs and outputs capped at 1 GiB,
+before a capture ran out of memory and the engine died. A capture also needs
 ``KVFOLD_CUDA_GRAPH_HEADROOM_MB`` (default 2048) of the device still free afterwards, so that the
 eager steps keep room; after any failed capture the process stops capturing (its pool is kept:
 memory a graph may reference is never handed back).
