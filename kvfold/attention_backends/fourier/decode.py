@@ -5,7 +5,7 @@ Per request the new token's kept dims go to its slot and its compressed dims to 
 the token leaving the recent window was read from the same ring row; that token updates the
 running statistics and either the exact pre-compression middle or, inside the kernels, the
 coefficients. A request whose middle is compressed for the first time in this step, or whose
-first token this is, takes the per-request path (``paged.write_request``) for its write.
+first token this is, takes the per-request path (``write.write_heads``) for its write.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from kvfold.attention_backends.fourier import kernels, spectral
 from kvfold.attention_backends.fourier.arena import CacheArena
 from kvfold.attention_backends.fourier.layout import KINDS, STAT_ROWS, Item
-from kvfold.attention_backends.fourier.paged import MAX, MIN, OFFSET, SCALE, SUM, write_request
+from kvfold.attention_backends.fourier.paged import MAX, MIN, OFFSET, SCALE, SUM
 from kvfold.attention_backends.paged.metadata import to_device
 
 UPDATE, COMPRESSED = 1, 2  # request flags of the kernels
@@ -129,8 +129,10 @@ def decode_step(
     now = [layout.is_compressed(n) for n in seq_lens]
     alone = [n == 1 or (c and not w) for n, w, c in zip(seq_lens, was, now)]
     for i in (i for i, a in enumerate(alone) if a):
-        write_request(arena, layer, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
-                      prefill=False, window=window)
+        from kvfold.attention_backends.fourier.write import write_heads  # write imports this module
+
+        write_heads(arena, tables, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
+                    prefill=False, window=window)
     per_request = torch.tensor(  # one host-to-device copy for the step's per-request scalars
         [seq_lens, [not a for a in alone], was,
          [UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)]], device=dev)

@@ -34,16 +34,16 @@ def initial_stats(width: int, device: torch.device) -> torch.Tensor:
 
 
 def fit_normalization(stats: torch.Tensor, coef: torch.Tensor, length: int, window: int) -> None:
-    """Set ``stats``' scale and offset rows: the authors' map from the reconstruction's mean and
+    """Set ``stats``' (``[..., 5, D]``) scale and offset rows: the authors' map from the reconstruction's mean and
     max absolute deviation to the original middle's (from the running sum, min and max)."""
-    avg_u = stats[SUM] / length
-    dev_u = torch.maximum(stats[MAX] - avg_u, avg_u - stats[MIN])
-    recon = spectral.reconstruct(coef, length, window)
-    avg_d = recon.mean(0)
-    dev_d = (recon - avg_d).abs().amax(0)
+    avg_u = stats[..., SUM, :] / length
+    dev_u = torch.maximum(stats[..., MAX, :] - avg_u, avg_u - stats[..., MIN, :])
+    recon = spectral.reconstruct(coef, length, window)  # [..., length, D]
+    avg_d = recon.mean(-2)
+    dev_d = (recon - avg_d.unsqueeze(-2)).abs().amax(-2)
     # A constant reconstruction carries no shape to rescale: keep it, moved to the mean.
     scale = torch.where(dev_d > 0, dev_u / dev_d.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
-    stats[SCALE], stats[OFFSET] = scale, avg_u - avg_d * scale
+    stats[..., SCALE, :], stats[..., OFFSET, :] = scale, avg_u - avg_d * scale
 
 
 def write_request(

@@ -2,7 +2,7 @@
 
 Order (the semantics of :mod:`stream`): prefill chunks attend to the cache as it was plus themselves
 exactly (the past rebuilt for all heads at once, :mod:`rebuild`); then every request's tokens enter
-the cache; then decoding tokens attend to the cache that now holds them. Decoding runs through the
+the cache (all heads at once, :mod:`write`); then decoding tokens attend to the cache that now holds them. Decoding runs through the
 Triton kernels where Triton runs (:mod:`decode`, in groups of bounded scratch), else through the
 torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
 """
@@ -16,8 +16,9 @@ import torch
 from kvfold.attention_backends.fourier.arena import CacheArena
 from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
 from kvfold.attention_backends.fourier.kernels import triton_enabled
-from kvfold.attention_backends.fourier.paged import visible, write_request
+from kvfold.attention_backends.fourier.paged import visible
 from kvfold.attention_backends.fourier.rebuild import visible_heads
+from kvfold.attention_backends.fourier.write import write_heads
 from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
 from kvfold.attention_backends.paged.metadata import to_device
 
@@ -76,8 +77,9 @@ def attend_step(
     fast = triton_enabled(query.device)
     for i, start, end, seq_len in requests:
         if end - start > 1 or not fast:
-            write_request(arena, layer, block_table[i], key[start:end], value[start:end],
-                          seq_len - (end - start), prefill=end - start > 1, window=window)
+            tables = tables or HeadTables.build(arena, layer)
+            write_heads(arena, tables, block_table[i], key[start:end], value[start:end],
+                        seq_len - (end - start), prefill=end - start > 1, window=window)
     decode = [(i, start, seq_len) for i, start, end, seq_len in requests if end - start == 1]
     for group in decode_groups(decode, query.shape[1]) if fast else ():
         tables = tables or HeadTables.build(arena, layer)
