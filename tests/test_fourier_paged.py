@@ -151,3 +151,21 @@ def test_dims_of_another_model_are_refused(tiny_llama, tmp_path) -> None:
     files.write(dims.model_copy(update={"num_kv_heads": HK + 1}), tmp_path)
     with pytest.raises(Exception, match="run `kvfold calibrate fourier` for this model"):
         make_config(tiny_llama, tmp_path)
+
+
+def test_profile_run_reserves_the_larger_of_prefill_and_decode_scratch(tiny_llama, dims_dir, monkeypatch) -> None:
+    from kvfold.attention_backends.fourier.backend import PREFILL_BYTES_PER_ELEMENT
+    from kvfold.attention_backends.fourier.step import SCRATCH_BYTES
+    from kvfold.attention_backends.paged import backend as paged_backend
+
+    with set_current_vllm_config(make_config(tiny_llama, dims_dir)):
+        impl = FourierImpl(HQ, D, D**-0.5, HK)
+    # The tiny model's prefill (512 tokens) needs less than the decode groups' bound.
+    assert PREFILL_BYTES_PER_ELEMENT * MAX_LEN * HK * D < SCRATCH_BYTES
+    assert impl.profile_scratch_bytes() == SCRATCH_BYTES
+    impl.max_model_len = 1 << 20
+    assert impl.profile_scratch_bytes() == PREFILL_BYTES_PER_ELEMENT * (1 << 20) * HK * D
+    made = []
+    monkeypatch.setattr(paged_backend.torch, "empty", lambda n, **kw: made.append(n))
+    impl.reserve_scratch(torch.device("cuda"))
+    assert made == [PREFILL_BYTES_PER_ELEMENT * (1 << 20) * HK * D]

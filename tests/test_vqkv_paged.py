@@ -158,3 +158,19 @@ def test_incomplete_codebooks_are_refused(tiny_llama, codebook_dir, tmp_path) ->
     files.save_layer(tmp_path, 0, random_books(0))  # layer 1 missing
     with pytest.raises(ValueError, match=r"lack layers \[1\]"):
         make_config(tiny_llama, tmp_path)
+
+
+def test_profile_run_reserves_the_prefill_rebuild(tiny_llama, codebook_dir, monkeypatch) -> None:
+    from kvfold.attention_backends.paged import backend as paged_backend
+    from kvfold.attention_backends.vqkv.backend import PREFILL_BYTES_PER_ELEMENT
+
+    with set_current_vllm_config(make_config(tiny_llama, codebook_dir)):
+        impl = VQKVImpl(HQ, D, D**-0.5, HK)
+    assert impl.profile_scratch_bytes() == PREFILL_BYTES_PER_ELEMENT * 4096 * HK * D
+    made = []
+    monkeypatch.setattr(paged_backend.torch, "empty", lambda n, **kw: made.append((n, kw["device"].type)))
+    q = torch.zeros(3, HQ, D)
+    impl.forward(LAYER, q, torch.zeros(3, HK, D), torch.zeros(3, HK, D), torch.zeros(0), None, q)
+    assert made == []  # the CPU KV cache is sized by VLLM_CPU_KVCACHE_SPACE, not by a profile
+    impl.reserve_scratch(torch.device("cuda"))
+    assert made == [(PREFILL_BYTES_PER_ELEMENT * 4096 * HK * D, "cuda")]

@@ -74,6 +74,7 @@ def attend_step(
             v = torch.cat([v, value[start:end].float()])
             out = prefill_attention(query[start:end], k.to(query.dtype), v.to(query.dtype), scale, past)
             output[start:end] = out.to(output.dtype)
+            del k, v, out  # one request's rebuild at a time: what the backend's profile reserves
     fast = triton_enabled(query.device)
     for i, start, end, seq_len in requests:
         if end - start > 1 or not fast:

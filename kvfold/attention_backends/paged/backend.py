@@ -158,6 +158,21 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         """Bytes of method state this layer holds outside the paged KV cache (codebooks, bases)."""
         return 0
 
+    def profile_scratch_bytes(self) -> int:
+        """Temporary GPU memory a step of this layer may take beyond vLLM's own activations (K/V a
+        prefill chunk rebuilds from compressed pages, decode scratch)."""
+        return 0
+
+    def reserve_scratch(self, device: torch.device) -> torch.Tensor | None:
+        """Allocate :meth:`profile_scratch_bytes` once and drop it, in vLLM's memory-profiling run:
+        its peak then counts that memory as activations and sizes the KV cache to leave it free,
+        instead of a long prefill running the GPU out of memory mid-serving. CUDA only (the CPU
+        KV cache is sized by ``VLLM_CPU_KVCACHE_SPACE``)."""
+        nbytes = self.profile_scratch_bytes()
+        if not nbytes or device.type != "cuda":
+            return None
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
     def do_kv_cache_update(
         self,
         layer: AttentionLayer,
@@ -187,6 +202,7 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError(f"{self.method_name} does not fuse output quantization")
         if attn_metadata is None:  # profiling / dummy run: nothing is cached yet
+            self.reserve_scratch(query.device)
             return output
         if not self._cache_reported:
             # The first real forward is the first time this layer sees its allocated cache.
