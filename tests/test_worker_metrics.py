@@ -21,6 +21,9 @@ m = backend_metrics("m", "KVFOLD_TREEKV")
 m.layer_ready(cache_bytes=1000, state_bytes=24)
 m.layer_ready(cache_bytes=1000, state_bytes=24)
 m.tokens_evicted(int(sys.argv[1]))
+m.cuda_graph_bytes(100)
+m.cuda_graph_bytes(250)  # a process-wide total: the latest value counts
+m.scratch_reserved(64)
 try:
     raise IndexError("slot out of range")
 except IndexError as exc:
@@ -49,5 +52,7 @@ def test_two_workers_add_up_on_one_endpoint(tmp_path) -> None:
     assert samples[("kvfold:tokens_evicted_total", labels)] == 7
     assert samples[("kvfold:kv_cache_bytes", labels)] == 4000  # 2 layers x 2 workers
     assert samples[("kvfold:state_bytes", labels)] == 96
+    assert samples[("kvfold:cuda_graph_bytes", labels)] == 500  # 2 workers
+    assert samples[("kvfold:scratch_bytes", labels)] == 128
     errors = tuple(sorted(labels + (("kind", "IndexError"),)))
     assert samples[("kvfold:errors_total", errors)] == 2

@@ -58,6 +58,16 @@ STATE_BYTES = MetricFamily(
     "kvfold:state_bytes", "gauge",
     "Bytes of method state held outside the paged KV cache (codebooks, spectral bases), summed over "
     "layers and workers; 0 for methods without such state.", "worker")
+CUDA_GRAPH_BYTES = MetricFamily(
+    "kvfold:cuda_graph_bytes", "gauge",
+    "GPU memory kept by the CUDA graphs kvfold captures of its decode steps (input copies, outputs, "
+    "what each capture left allocated), outside vLLM's KV-cache accounting; at most "
+    "KVFOLD_CUDA_GRAPH_MEMORY_MB per worker. Absent until a first capture.", "worker")
+SCRATCH_BYTES = MetricFamily(
+    "kvfold:scratch_bytes", "gauge",
+    "Temporary GPU memory one step of a kvfold layer may take (K/V a prefill chunk rebuilds, decode "
+    "scratch), reserved in vLLM's memory-profiling run so that the KV cache leaves room for it; per "
+    "worker. Absent on CPU and for methods that need none.", "worker")
 TOKENS_EVICTED = MetricFamily(
     "kvfold:tokens_evicted", "counter",
     "Cached tokens a method dropped from the KV cache (TreeKV); stays 0 for methods that never "
@@ -69,7 +79,7 @@ ERRORS = MetricFamily(
 
 FAMILIES: tuple[MetricFamily, ...] = (
     KV_BYTES_PER_TOKEN, KV_BYTES_PER_TOKEN_BF16, COMPRESSION_RATIO, KV_CAPACITY_TOKENS,
-    KV_CACHE_BYTES, STATE_BYTES, TOKENS_EVICTED, ERRORS,
+    KV_CACHE_BYTES, STATE_BYTES, CUDA_GRAPH_BYTES, SCRATCH_BYTES, TOKENS_EVICTED, ERRORS,
 )
 
 

@@ -48,6 +48,14 @@ class BackendMetrics:
         _family(names.KV_CACHE_BYTES).labels(**self.labels).inc(cache_bytes)
         _family(names.STATE_BYTES).labels(**self.labels).inc(state_bytes)
 
+    def cuda_graph_bytes(self, nbytes: int) -> None:
+        """kvfold's CUDA graphs in this worker now keep ``nbytes`` (a process-wide total)."""
+        _family(names.CUDA_GRAPH_BYTES).labels(**self.labels).set(nbytes)
+
+    def scratch_reserved(self, nbytes: int) -> None:
+        """The memory profile reserved ``nbytes`` for one step's temporary memory (layers share it)."""
+        _family(names.SCRATCH_BYTES).labels(**self.labels).set(nbytes)
+
 
 @lru_cache(maxsize=None)
 def backend_metrics(model_name: str, backend: str) -> BackendMetrics:

@@ -171,6 +171,7 @@ class KvfoldImpl(AttentionImpl[PagedMetadata]):
         nbytes = self.profile_scratch_bytes()
         if not nbytes or device.type != "cuda":
             return None
+        self.metrics.scratch_reserved(nbytes)
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def do_kv_cache_update(

@@ -113,8 +113,10 @@ class GraphedStep:
     copy into an old one's buffers. Callers pad inputs to few shapes to keep the graphs few.
     """
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]],
+                 on_memory: Callable[[int], None] | None = None) -> None:
         self.fn = fn
+        self.on_memory = on_memory  # told the process's graph memory after each capture (a metric)
         self.failed = False
         memory_limit()  # a bad setting stops the start-up, not a later step
         headroom()
@@ -138,6 +140,8 @@ class GraphedStep:
             try:
                 self.graphs[key], kept = self._capture(inputs, static)
                 self._book(kept - needed)
+                if self.on_memory is not None:
+                    self.on_memory(_held_bytes)
             except RuntimeError as exc:
                 if os.environ.get("KVFOLD_CUDA_GRAPHS") == "strict":  # the GPU checks
                     raise

@@ -98,7 +98,7 @@ class TreeKVImpl(KvfoldImpl):
         self._reports_evictions = not TreeKVImpl._reporter_taken
         TreeKVImpl._reporter_taken = True
         self._pages: PageViews | None = None  # this step's views, read by the graphed decode
-        self._graphed_decode = GraphedStep(self._decode)
+        self._graphed_decode = GraphedStep(self._decode, on_memory=self.metrics.cuda_graph_bytes)
         self._decode_evictions = DeferredCount()  # read without a host sync, a step late on CUDA
 
     def attend(

@@ -81,7 +81,7 @@ class VQKVImpl(KvfoldImpl):
         self._books: LayerCodebooks | None = None
         self._layout: PageLayout | None = None
         self._step: tuple[torch.Tensor, PageLayout, LayerCodebooks] | None = None  # read by _decode
-        self._graphed_decode = GraphedStep(self._decode)
+        self._graphed_decode = GraphedStep(self._decode, on_memory=self.metrics.cuda_graph_bytes)
 
     def state_bytes(self) -> int:
         return codebook_bytes(self.manifest)
