@@ -9,8 +9,11 @@ on the same GPU, is what vLLM's FLASH_ATTN does for that layer: ``reshape_and_ca
 new token into a bf16 paged cache, then ``flash_attn_varlen_func`` over the block table.
 
 Milliseconds are per layer; a model step multiplies them by the layer count and adds the rest of
-the model (the same for every backend). VQKV runs on random codebooks of the model's shape: its
-cost depends on the shape, not on the codewords.
+the model (the same for every backend). VQKV runs on random codebooks of the model's shape, and
+FourierAttention on dims chosen at random in the paper's middle-layer shares (80% of K and V dims;
+the paper's sink 4, recent 1,020, k = 512 unless given): their cost depends on the shapes, not on
+the values. FourierAttention's dims file and cache arena cover every layer of a model, so it runs
+on a one-layer copy of the model's config.
 
     python -m benchmarks.decode_step --backends KVFOLD_VQKV,KVFOLD_TREEKV --context 32768 \\
         --batches 1,8,16 --out docs/benchmarks/decode-step-h200.json
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -35,7 +39,7 @@ from benchmarks.model_dirs import load_config, model_names, prepare, write_shape
 
 BLOCK = 16
 LAYER = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
-KVFOLD_BACKENDS = ("KVFOLD_VQKV", "KVFOLD_TREEKV")
+KVFOLD_BACKENDS = ("KVFOLD_VQKV", "KVFOLD_TREEKV", "KVFOLD_FOURIER")
 
 
 def _sync() -> None:
@@ -78,11 +82,23 @@ def build_impl(name: str, model_dir: Path, max_len: int, options: dict[str, Any]
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     if name == "KVFOLD_VQKV":
         from kvfold.attention_backends.vqkv.backend import VQKVImpl as impl_class
+    elif name == "KVFOLD_FOURIER":
+        from kvfold.attention_backends.fourier.backend import FourierImpl as impl_class
     else:
         from kvfold.attention_backends.treekv.backend import TreeKVImpl as impl_class
     with set_current_vllm_config(config):
         impl = impl_class(heads, head_dim, head_dim**-0.5, kv_heads)
     return impl, (heads, kv_heads, head_dim)
+
+
+def one_layer_model(model_dir: Path) -> Path:
+    """A copy of ``model_dir`` (config and tokenizer, no weights) with one decoder layer."""
+    out = Path(tempfile.mkdtemp()) / f"{model_dir.name}-1-layer"
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def paged_cache(name: str, impl: Any, shape: tuple[int, int, int], reqs: int, total: int,
@@ -99,6 +115,16 @@ def paged_cache(name: str, impl: Any, shape: tuple[int, int, int], reqs: int, to
                             impl.options.recent, BLOCK)
         blocks += layout.reserved_blocks
         cells = num_codes
+    elif name == "KVFOLD_FOURIER":
+        from kvfold.attention_backends.fourier.arena import CacheArena
+        from kvfold.attention_backends.fourier.backend import layout_for
+
+        layout = layout_for(impl.options, torch.bfloat16, BLOCK)
+        blocks += layout.reserved_blocks
+        cache = torch.zeros(1 + reqs * blocks, 1, BLOCK, layout.cell_bytes, dtype=torch.uint8, device=dev)
+        impl.arena = CacheArena([cache], layout)  # vLLM's forward context would hand every layer's view
+        tables = (1 + torch.arange(reqs * blocks, device=dev, dtype=torch.int32)).view(reqs, blocks)
+        return cache, tables
     else:
         from kvfold.attention_backends.treekv.pages import content_bytes
 
@@ -132,6 +158,14 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
     total = args.context + (args.decode_steps + 2) * len(batches) + 16
     if name == "KVFOLD_TREEKV":
         options: dict[str, Any] = {"budget": args.budget, "positions": args.treekv_positions}
+    elif name == "KVFOLD_FOURIER":
+        from kvfold.attention_backends.fourier import calibrate as fourier_files
+
+        model_dir = one_layer_model(model_dir)
+        dims = Path(tempfile.mkdtemp()) / "fourier_dims"
+        fourier_files.write(fourier_files.random_dims(
+            model_dir, seed=0, recent=args.fourier_recent, freqs=args.fourier_freqs, fractions=(0.8, 0.8)), dims)
+        options = {"dims": str(dims)}
     else:  # random codebooks of the model's shape: the cost depends on the shape only
         options = {"codebooks": str(write_shape_codebooks(load_config(model_dir), Path(tempfile.mkdtemp())))}
     impl, shape = build_impl(name, model_dir, total + BLOCK, options)
@@ -141,6 +175,8 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
     reserved = 0
     if name == "KVFOLD_VQKV":
         reserved = impl._page_layout(cache).reserved_blocks
+    elif name == "KVFOLD_FOURIER":
+        reserved = impl.arena.layout.reserved_blocks
     done = [0] * reqs
 
     def step(rows: list[tuple[int, int]]) -> Callable[[], None]:
@@ -290,7 +326,7 @@ def plot(report: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3.1-8b", choices=model_names())
-    p.add_argument("--backends", default="KVFOLD_VQKV,KVFOLD_TREEKV",
+    p.add_argument("--backends", default="KVFOLD_VQKV,KVFOLD_TREEKV,KVFOLD_FOURIER",
                    help="comma-separated; FLASH_ATTN (the baseline, CUDA only) is added on CUDA; "
                         "SLIDING_WINDOW_N is FLASH_ATTN over the last N tokens (CUDA only)")
     p.add_argument("--context", type=int, default=32768, help="tokens per request before decoding")
@@ -298,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,16")
     p.add_argument("--budget", type=int, default=2048, help="KVFOLD_TREEKV's budget")
     p.add_argument("--treekv-positions", default="original", choices=["original", "rank"])
+    p.add_argument("--fourier-recent", type=int, default=1020, help="KVFOLD_FOURIER's exact recent tokens")
+    p.add_argument("--fourier-freqs", type=int, default=512, help="KVFOLD_FOURIER's k")
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--fa-version", type=int, default=3, help="3 on Hopper, as vLLM picks there")
     p.add_argument("--device", default="cuda", help="cpu only to try this script (no baseline)")

@@ -373,7 +373,8 @@ def test_decode_step_runs_each_kvfold_backend_on_cpu(tmp_path: Path) -> None:
 
     out = tmp_path / "decode-step.json"
     assert decode_step.main(["--device", "cpu", "--context", "1100", "--chunk", "1024", "--batches",
-                             "1,2", "--decode-steps", "2", "--budget", "512", "--out", str(out)]) == 0
+                             "1,2", "--decode-steps", "2", "--budget", "512", "--fourier-recent", "60",
+                             "--fourier-freqs", "16", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     for name in decode_step.KVFOLD_BACKENDS:
         result = report["backends"][name]
