@@ -21,8 +21,9 @@ graph to graph. That memory is outside vLLM's KV-cache accounting (the graphs ar
 serving, after vLLM sized the cache), and a graph per layer, batch size and shape adds up: TreeKV
 at 8B shape holds about 63 KB per request per layer and graph, 2.8 GB over 32 layers for every
 batch size up to 144. So the graphs of a process hold at most ``KVFOLD_CUDA_GRAPH_MEMORY_MB``
-(default 1024) of memory, measured as what stays allocated after each capture (at least its inputs
-and outputs); shapes that come later run eagerly.
+(default 1024) of memory, measured per capture as what stays allocated after it or what the
+allocator reserved for it, whichever is more (at least its inputs and outputs); shapes that come
+later run eagerly.
 
 All captures use one stream, warmed outside any capture. cuBLAS keeps a workspace per stream
 (32 MiB on Hopper), and a workspace first needed inside a capture is taken from the graphs' pool and
@@ -186,13 +187,13 @@ class GraphedStep:
         return True
 
     def _capture(self, inputs: Sequence[torch.Tensor], static: dict[str, Hashable]):
-        """Returns the graph entry and the bytes it keeps allocated (buffers, outputs, anything else)."""
+        """Returns the graph entry and the bytes it keeps (buffers, outputs, the pool's growth)."""
         global _pool
         device = inputs[0].device
         if _pool is None:
             _pool = torch.cuda.graph_pool_handle()
         stream = capture_stream(device)
-        before = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
         buffers = [x.clone() for x in inputs]
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream())
@@ -204,7 +205,11 @@ class GraphedStep:
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
-        return (graph, buffers, tuple(outputs)), torch.cuda.memory_allocated(device) - before
+        # What stays allocated (buffers, outputs), or what the allocator had to reserve for the
+        # capture, whichever is more: the pool keeps a capture's freed intermediates for its
+        # replays, so new segments it needed are held for good.
+        kept = max(torch.cuda.memory_allocated(device) - before[0], torch.cuda.memory_reserved(device) - before[1])
+        return (graph, buffers, tuple(outputs)), kept
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
