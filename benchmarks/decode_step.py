@@ -202,7 +202,31 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
         for _ in range(2):  # warm-up: kernel compiles and graph capture for this shape
             step(rows)()
         report["decode_step_ms"][str(batch)] = summary(timed(lambda: step(rows), args.decode_steps))
+    if args.profile:
+        profile_steps(lambda: step([(r, 1) for r in range(batches[-1])]), args.profile, name)
     return report
+
+
+def profile_steps(make: Callable[[], Callable[[], Any]], path: Path, name: str, steps: int = 5) -> None:
+    """Append to ``path`` the operators of ``steps`` decode steps at the last batch, by device and
+    by host time: where a backend's step goes when its milliseconds are far off the baseline's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fns = [make() for _ in range(steps)]
+    _sync()
+    with profile(activities=activities) as prof:
+        for fn in fns:
+            fn()
+        _sync()
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"# {name}: {steps} decode steps\n")
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            if key == "self_cuda_time_total" and len(activities) == 1:
+                continue
+            f.write(f"## by {key}\n{table.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n")
 
 
 def window_of(name: str) -> int | None:
@@ -340,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fa-version", type=int, default=3, help="3 on Hopper, as vLLM picks there")
     p.add_argument("--device", default="cuda", help="cpu only to try this script (no baseline)")
     p.add_argument("--replot", type=Path, help="only redraw the plot of this result JSON")
+    p.add_argument("--profile", type=Path,
+                   help="append each kvfold backend's operator profile at the largest batch to this file")
     p.add_argument("--keep-going", action="store_true", help="record a backend's error, run the rest")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/decode-step.json"))
     return p.parse_args(argv)
