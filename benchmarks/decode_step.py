@@ -156,6 +156,8 @@ def metadata(rows: list[tuple[int, int, int]], tables: torch.Tensor, reserved: i
 def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.device) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     total = args.context + (args.decode_steps + 2) * len(batches) + 16
+    if name not in KVFOLD_BACKENDS:
+        raise ValueError(f"{name} is not a kvfold backend")
     if name == "KVFOLD_TREEKV":
         options: dict[str, Any] = {"budget": args.budget, "positions": args.treekv_positions}
     elif name == "KVFOLD_FOURIER":
@@ -286,19 +288,9 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model, "context": args.context, "chunk": args.chunk, "batches": args.batches,
         "per": "one attention layer", "backends": {},
     }
-    names = [n for n in args.backends.split(",") if n]
-    flash = [n for n in names if n == "FLASH_ATTN" or window_of(n)]
-    unknown = sorted(set(names) - set(KVFOLD_BACKENDS) - set(flash))
-    if unknown:
-        raise SystemExit(f"unknown backends {unknown}; known: {', '.join(KVFOLD_BACKENDS)}, "
-                         "FLASH_ATTN, SLIDING_WINDOW_N")
-    if dev.type != "cuda" and flash:
-        raise SystemExit(f"{', '.join(flash)} (FlashAttention baselines) need CUDA")
-    if dev.type == "cuda" and "FLASH_ATTN" not in names:
-        names.append("FLASH_ATTN")  # the baseline is always measured in the same run
-    for name in names:
+    for name, is_flash in plan_backends([n for n in args.backends.split(",") if n], dev.type == "cuda"):
         try:
-            result = (run_flash(model_dir, args, dev, window_of(name)) if name in flash
+            result = (run_flash(model_dir, args, dev, window_of(name)) if is_flash
                       else run_kvfold(name, model_dir, args, dev))
         except Exception as exc:  # recorded, so one backend's failure leaves the others' numbers
             if not args.keep_going:
@@ -316,6 +308,21 @@ def run(args: argparse.Namespace) -> dict:
                 b: result["decode_step_ms"][b]["median"] / base["decode_step_ms"][b]["median"]
                 for b in result["decode_step_ms"]}
     return report
+
+
+def plan_backends(names: list[str], cuda: bool) -> list[tuple[str, bool]]:
+    """``(name, is FlashAttention)`` in the order they run: on CUDA the FLASH_ATTN baseline first,
+    added when not asked for, so every ratio has its baseline from the same run."""
+    flash = [n for n in names if n == "FLASH_ATTN" or window_of(n)]
+    unknown = sorted(set(names) - set(KVFOLD_BACKENDS) - set(flash))
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown}; known: {', '.join(KVFOLD_BACKENDS)}, "
+                         "FLASH_ATTN, SLIDING_WINDOW_N")
+    if not cuda and flash:
+        raise SystemExit(f"{', '.join(flash)} (FlashAttention baselines) need CUDA")
+    if cuda and "FLASH_ATTN" not in names:
+        names = ["FLASH_ATTN", *names]
+    return [(n, n == "FLASH_ATTN" or window_of(n) is not None) for n in names]
 
 
 def write(report: dict, out: Path) -> None:

@@ -388,3 +388,18 @@ def test_decode_step_runs_each_kvfold_backend_on_cpu(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown backends"):
         decode_step.main(["--device", "cpu", "--backends", "SLIDING_WINDOW", "--out", str(out)])
     assert decode_step.window_of("SLIDING_WINDOW_2048") == 2048 and decode_step.window_of("FLASH_ATTN") is None
+
+
+def test_decode_step_runs_its_flash_attn_baseline_first_and_through_flash_attn() -> None:
+    # An added baseline once went through the kvfold path and failed vLLM's config validation
+    # on the GPU, leaving a profile run without FLASH_ATTN numbers.
+    from benchmarks.decode_step import plan_backends
+
+    assert plan_backends(["KVFOLD_FOURIER"], cuda=True) == [("FLASH_ATTN", True), ("KVFOLD_FOURIER", False)]
+    assert plan_backends(["KVFOLD_VQKV", "SLIDING_WINDOW_2048", "FLASH_ATTN"], cuda=True) == [
+        ("KVFOLD_VQKV", False), ("SLIDING_WINDOW_2048", True), ("FLASH_ATTN", True)]
+    assert plan_backends(["KVFOLD_TREEKV"], cuda=False) == [("KVFOLD_TREEKV", False)]
+    with pytest.raises(SystemExit, match="need CUDA"):
+        plan_backends(["FLASH_ATTN"], cuda=False)
+    with pytest.raises(SystemExit, match="unknown backends"):
+        plan_backends(["KVFOLD_VQKV", "FLASH"], cuda=True)
