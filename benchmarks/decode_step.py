@@ -204,6 +204,10 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
         for _ in range(2):  # warm-up: kernel compiles and graph capture for this shape
             step(rows)()
         report["decode_step_ms"][str(batch)] = summary(timed(lambda: step(rows), args.decode_steps))
+    if name == "KVFOLD_FOURIER":
+        from kvfold.attention_backends.fourier.kernels import compiled_stats
+
+        report["compiled_kernels"] = compiled_stats()
     if args.profile:
         profile_steps(lambda: step([(r, 1) for r in range(batches[-1])]), args.profile, name)
     return report

@@ -39,6 +39,20 @@ SEG_K, WIDTH_K, SEG_V, WIDTH_V = 0, 1, 2, 3
 RING_K, RING_V, COEF_K, COEF_V = 4, 8, 12, 16  # each: first page, rows per page, row bytes, width
 TABLE_COLUMNS = 20
 LOG2E = 1.4426950408889634
+_launched: dict[str, object] = {}  # kernel name -> the compiled kernel of its last launch
+
+
+def compiled_stats() -> dict[str, dict[str, int]]:
+    """Registers per thread, spilled registers and shared memory of each kernel's last compiled
+    launch (empty under Triton's interpreter): the first things to read when a kernel is far slower
+    than the bytes it moves."""
+    stats = {}
+    for name, kernel in _launched.items():
+        fields = {"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+                  "shared": getattr(getattr(kernel, "metadata", None), "shared", None)}
+        if any(v is not None for v in fields.values()):
+            stats[name] = {k: int(v) for k, v in fields.items() if v is not None}
+    return stats
 
 
 def triton_enabled(device: torch.device) -> bool:
@@ -238,7 +252,7 @@ def coef_pass(cache32, block_table, base, table, seq_lens, flags, enter, weights
     out = torch.zeros(num_reqs, num_heads, rows if project else width, device=enter.device)
     block_r, block_d = 64 if project else 32, pow2(width)
     grid = (num_reqs, enter.shape[1], triton.cdiv(rows, block_r) if project else 1)
-    _coef_pass[grid](
+    _launched["coef_pass_project" if project else "coef_pass_values"] = _coef_pass[grid](
         cache32, block_table, base, table, seq_lens, flags, enter, weights, out,
         block_table.stride(0), enter.stride(0), enter.stride(1), weights.stride(0), weights.stride(1),
         out.stride(0), out.stride(1), reserved, block_stride, sink, recent, window,
@@ -274,7 +288,7 @@ def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, 
     acc_c = torch.zeros(num_reqs, num_heads, splits_padded, dv, device=dev)
     m = torch.full((num_reqs, num_heads, splits_padded), float("-inf"), device=dev)
     l = torch.zeros(num_reqs, num_heads, splits_padded, device=dev)  # noqa: E741
-    _decode_pass[(num_reqs, num_kv, splits)](
+    _launched["decode_pass"] = _decode_pass[(num_reqs, num_kv, splits)](
         cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
         chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
         block_table.stride(0), qk.stride(0), qk.stride(1), qc.stride(0), qc.stride(1),
