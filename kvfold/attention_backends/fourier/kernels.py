@@ -208,12 +208,17 @@ def _decode_pass(
         is_pre = in_middle & (offs * 0 + compressed == 0)
         is_ring = valid & ((offs < sink) | (offs >= tl.maximum(sink, n - recent)))
 
+        # A tile wholly inside the compressed middle has no exact rows: their addressing, masked
+        # loads and two dots would add zeros, and such tiles are nearly all of a long request.
+        has_exact = tl.max((is_ring | is_pre).to(tl.int32), 0) != 0
+
         kept = tl.load(CacheM + ((slot + seg_k) // ELEM)[:, None] + offs_wk[None, :],
                        mask=valid[:, None] & (offs_wk < width_k)[None, :], other=0.0).to(tl.float32)
         s = tl.dot(qk, tl.trans(kept), input_precision="ieee")
-        exact = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
-                            recent, per, reserved, block_stride, 4, 12, ELEM, BLOCK_DK)
-        s += tl.dot(qc, tl.trans(exact), input_precision="ieee")
+        if has_exact:
+            exact = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
+                                recent, per, reserved, block_stride, 4, 12, ELEM, BLOCK_DK)
+            s += tl.dot(qc, tl.trans(exact), input_precision="ieee")
         spec = tl.load(Spec + r * stride_sr + heads[:, None] * stride_sh + offs[None, :],
                        mask=mask_g[:, None] & is_mid[None, :], other=0.0)
         s = tl.where(valid[None, :], s + spec, float("-inf"))
@@ -225,9 +230,11 @@ def _decode_pass(
         values = tl.load(CacheM + ((slot + seg_v) // ELEM)[:, None] + offs_wv[None, :],
                          mask=valid[:, None] & (offs_wv < width_v)[None, :], other=0.0).to(tl.float32)
         acc_k = acc_k * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-        exact_v = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
-                              recent, per, reserved, block_stride, 8, 16, ELEM, BLOCK_DV)
-        acc_c = acc_c * alpha[:, None] + tl.dot(p, exact_v, input_precision="ieee")
+        acc_c = acc_c * alpha[:, None]
+        if has_exact:
+            exact_v = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
+                                  recent, per, reserved, block_stride, 8, 16, ELEM, BLOCK_DV)
+            acc_c += tl.dot(p, exact_v, input_precision="ieee")
         # The compressed middle's probabilities leave for the FFT, relative to this tile's max.
         tl.store(P + r * stride_pr + heads[:, None] * stride_ph + offs[None, :], p,
                  mask=mask_g[:, None] & is_mid[None, :])
