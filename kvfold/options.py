@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from kvfold.errors import KvfoldConfigError
+
 SECTION = "kvfold"
 
 
@@ -14,10 +16,6 @@ class MethodOptions(BaseModel):
     """Base of every method's options: unknown keys are an error, never ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KvfoldConfigError(ValueError):
-    """A kvfold option or selection that cannot work; raised before the engine serves anything."""
 
 
 def kvfold_section(additional_config: Any) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ import torch
 
 from kvfold.attention_backends.paged.counts import DeferredCount
 from kvfold.attention_backends.paged.graphs import bucket
-from kvfold.attention_backends.paged.metadata import to_device
+from kvfold.attention_backends.paged.transfer import to_device
 
 
 def test_deferred_count_returns_each_count_once() -> None:

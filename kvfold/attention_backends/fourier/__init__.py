@@ -3,5 +3,5 @@ as translated-Fourier coefficients, the rest of the K/V per token.
 
 ``reference.py`` is the specification (basis, compression, rank-1 updates, re-normalisation,
 attention, and the exact query-projection form a kernel uses); ``selection.py`` the offline choice
-of compressed dims. Not yet a vLLM backend: no ``KVFOLD_FOURIER`` is registered (issue 8).
+of compressed dims. ``backend.py`` is the vLLM glue (``KVFOLD_FOURIER``), ``kernels.py`` the Triton decode kernels.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvfold.attention_backends.fourier.layout import FourierLayout, Item
-from kvfold.options import KvfoldConfigError
+from kvfold.errors import KvfoldConfigError
 
 
 class CacheArena:

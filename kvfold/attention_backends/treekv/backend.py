@@ -24,7 +24,8 @@ from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.counts import DeferredCount, check_invariants
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
-from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
+from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.paged.transfer import to_device
 from kvfold.attention_backends.treekv.decode import DecodeBatch, decode_batch
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 from kvfold.attention_backends.treekv.pages import PageViews, content_bytes

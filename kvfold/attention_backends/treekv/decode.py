@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvfold.attention_backends.paged.metadata import to_device
+from kvfold.attention_backends.paged.transfer import to_device
 from kvfold.attention_backends.treekv.kernels import decode_attention
 from kvfold.attention_backends.treekv.options import TreeKVOptions
 from kvfold.attention_backends.treekv.pages import PageViews

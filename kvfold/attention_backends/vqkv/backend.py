@@ -19,7 +19,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from kvfold.attention_backends.paged.attention import prefill_attention
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
-from kvfold.attention_backends.paged.metadata import PagedMetadata, to_device
+from kvfold.attention_backends.paged.metadata import PagedMetadata
+from kvfold.attention_backends.paged.transfer import to_device
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
 from kvfold.attention_backends.vqkv.decode import decode_step
