@@ -25,7 +25,7 @@ from fourier_steps import run_steps  # noqa: E402
 
 from kvfold.attention_backends.fourier.layout import FourierLayout  # noqa: E402
 from kvfold.attention_backends.fourier.selection import select  # noqa: E402
-from kvfold.attention_backends.fourier.step import attend_step  # noqa: E402
+from kvfold.attention_backends.fourier.step import GraphedDecode, attend_step  # noqa: E402
 
 
 def random_dims(layers: int, heads: int, size: int, fractions: tuple[float, float], seed: int):
@@ -39,12 +39,15 @@ def random_dims(layers: int, heads: int, size: int, fractions: tuple[float, floa
 
 
 def check(name: str, layout: FourierLayout, *, heads: int, window: int, order: str, plans=None,
-          num_blocks: int = 300, atol: float = 2e-4) -> dict:
+          num_blocks: int = 300, atol: float = 2e-4, graphs: bool = False) -> dict:
+    """``graphs``: decode through ``step.GraphedDecode`` (padded batches replayed as CUDA graphs;
+    run with KVFOLD_CUDA_GRAPHS=strict so a failed capture fails the check)."""
     tables: dict[int, object] = {}
+    graphed = {i: GraphedDecode() for i in range(layout.num_layers)} if graphs else {}
 
     def attend(arena, index, q, k, v, block_table, requests, out) -> None:
         tables[index] = attend_step(arena, index, tables.get(index), q, k, v, block_table, requests, out,
-                                    scale=layout.head_size**-0.5, window=window)
+                                    scale=layout.head_size**-0.5, window=window, graphed=graphed.get(index))
 
     started = time.monotonic()
     kwargs = {"plans": plans} if plans else {}
@@ -81,12 +84,14 @@ def main(out: str, which: str = "all") -> None:
     layout = FourierLayout(kd, vd, head_size=128, head_size_v=128, dtype=torch.bfloat16, block_size=16,
                            sink=4, recent=1020, freqs=512)
     plans = {0: [2600] + [1] * 6, 1: [1500, 700] + [1] * 6, 2: [2040] + [1] * 12}
-    try:
-        results["cases"].append(check("llama-3.1-8b shape, paper settings", layout, heads=32,
-                                      window=32768 - 1024, order="layer-major", plans=plans,
-                                      num_blocks=3 * (layout.reserved_blocks + 200), atol=2e-3))
-    except Exception as exc:  # noqa: BLE001
-        results["cases"].append(failed("llama-3.1-8b shape", exc))
+    for graphs in (False, True):
+        name = "llama-3.1-8b shape, paper settings" + (", CUDA graphs" if graphs else "")
+        try:
+            results["cases"].append(check(name, layout, heads=32, window=32768 - 1024, order="layer-major",
+                                          plans=plans, num_blocks=3 * (layout.reserved_blocks + 200),
+                                          atol=2e-3, graphs=graphs))
+        except Exception as exc:  # noqa: BLE001
+            results["cases"].append(failed(name, exc))
     Path(out).write_text(json.dumps(results, indent=1))
     print("all ok" if all(c["ok"] for c in results["cases"]) else "FAILED", flush=True)
 

@@ -26,7 +26,7 @@ from kvfold.attention_backends.fourier.arena import CacheArena
 from kvfold.attention_backends.fourier.decode import HeadTables
 from kvfold.attention_backends.fourier.layout import FourierLayout
 from kvfold.attention_backends.fourier.options import FourierOptions
-from kvfold.attention_backends.fourier.step import SCRATCH_BYTES, attend_step
+from kvfold.attention_backends.fourier.step import SCRATCH_BYTES, GraphedDecode, attend_step
 from kvfold.attention_backends.paged.backend import KvfoldBackend, KvfoldImpl, spec_options
 from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
@@ -100,6 +100,7 @@ class FourierImpl(KvfoldImpl):
         self.arena: CacheArena | None = None  # the tests outside an engine set it
         self.tables: HeadTables | None = None
         self.layer_index: int | None = None
+        self.graphed = GraphedDecode(on_memory=self.metrics.cuda_graph_bytes)
 
     def profile_scratch_bytes(self) -> int:
         prefill = PREFILL_BYTES_PER_ELEMENT * self.max_model_len * self.num_kv_heads * self.head_size
@@ -143,7 +144,8 @@ class FourierImpl(KvfoldImpl):
     ) -> None:
         self.tables = attend_step(
             self._arena(kv_cache), self._layer(layer), self.tables, query, key, value,
-            metadata.block_table, list(metadata.requests()), output, scale=self.scale, window=self.window)
+            metadata.block_table, list(metadata.requests()), output, scale=self.scale, window=self.window,
+            graphed=self.graphed)
 
 
 class FourierBackend(KvfoldBackend):

@@ -16,9 +16,9 @@ import torch
 
 from kvfold.attention_backends.fourier import kernels, spectral
 from kvfold.attention_backends.fourier.arena import CacheArena
-from kvfold.attention_backends.fourier.layout import KINDS, STAT_ROWS, Item
+from kvfold.attention_backends.fourier.layout import KINDS, STAT_ROWS, FourierLayout, Item
 from kvfold.attention_backends.fourier.paged import MAX, MIN, OFFSET, SCALE, SUM
-from kvfold.attention_backends.paged.metadata import to_device
+from kvfold.attention_backends.paged.transfer import to_device
 
 UPDATE, COMPRESSED = 1, 2  # request flags of the kernels
 
@@ -105,6 +105,46 @@ def gather_dims(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return padded.gather(-1, index[None].expand(x.shape[0], -1, -1))
 
 
+# The step's shapes and launch grids follow the longest request rounded up to this many tokens,
+# so a CUDA graph of the step serves this many steps of growth.
+LONGEST_STEP = 1024
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A decode batch as the host sees it: who writes alone, the per-request scalars the device
+    needs (``[4, R]``: KV length, batched write, compressed before the step, kernel flags) and
+    the static sizes the step's shapes depend on (:func:`decode_core`'s keywords)."""
+
+    alone: list[int]
+    per_request: torch.Tensor
+    static: dict[str, int]
+
+
+def plan_step(layout: FourierLayout, seq_lens: list[int], window: int, padded: int | None = None) -> StepPlan:
+    """``seq_lens`` include the new token. ``padded``: the batch size the step runs at; the extra
+    requests hold one token, write nothing and have no compressed middle (their outputs are
+    discarded), and the sizes are rounded up (:data:`LONGEST_STEP`) so that steps share shapes."""
+    was = [layout.is_compressed(n - 1) for n in seq_lens]
+    now = [layout.is_compressed(n) for n in seq_lens]
+    alone = [n == 1 or (c and not w) for n, w, c in zip(seq_lens, was, now)]
+    pad = (padded or len(seq_lens)) - len(seq_lens)
+    per_request = torch.tensor(
+        [seq_lens + [1] * pad, [not a for a in alone] + [False] * pad, was + [False] * pad,
+         [UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)] + [0] * pad])
+    longest = max(seq_lens)
+    if padded is not None:
+        # Never past the window's reach: the middle's FFT covers `window` positions.
+        longest = min(-(-longest // LONGEST_STEP) * LONGEST_STEP, window + layout.sink + layout.recent)
+    exact = layout.sink + layout.recent
+    if not all(now):  # a middle not yet compressed is read exactly too
+        exact = min(longest, exact + 2 * layout.freqs) if padded is not None else \
+            max(n for n, c in zip(seq_lens, now) if not c)
+    static = {"longest": longest, "exact": exact,
+              "middle_end": layout.sink + layout.middle_length(longest) if any(now) else 0}
+    return StepPlan([i for i, a in enumerate(alone) if a], per_request, static)
+
+
 def decode_step(
     arena: CacheArena,
     tables: HeadTables,
@@ -118,31 +158,53 @@ def decode_step(
     scale: float,
     window: int,
 ) -> torch.Tensor:
-    """Outputs ``[R, Hq, Dv]`` (float32) of one new token per request; ``seq_lens`` include it."""
+    """Outputs ``[R, Hq, Dv]`` (float32) of one new token per request; ``seq_lens`` include it.
+    Eager: the backend replays :func:`decode_core` as a CUDA graph instead (``step.attend_step``)."""
+    plan = plan_step(arena.layout, seq_lens, window)
+    write_alone(arena, tables, plan, rows, key, value, seq_lens, window)
+    return decode_core(arena, tables, layer, query, key, value, rows, to_device(plan.per_request, query.device),
+                       scale=scale, window=window, **plan.static)
+
+
+def write_alone(arena: CacheArena, tables: HeadTables, plan: StepPlan, rows: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, seq_lens: list[int], window: int) -> None:
+    """Requests whose middle is compressed for the first time in this step, or whose first token
+    this is, store it through the per-request path (``write.write_heads``)."""
+    from kvfold.attention_backends.fourier.write import write_heads  # write imports this module
+
+    for i in plan.alone:
+        write_heads(arena, tables, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
+                    prefill=False, window=window)
+
+
+def decode_core(
+    arena: CacheArena,
+    tables: HeadTables,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor,
+    per_request: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+    longest: int,
+    exact: int,
+    middle_end: int,
+) -> torch.Tensor:
+    """The step on the device alone, free of host syncs: its shapes follow the keywords only
+    (:class:`StepPlan`), so it can be captured and replayed as a CUDA graph."""
     layout = arena.layout
     sink, recent, freqs = layout.sink, layout.recent, layout.freqs
     dev = query.device
     num_reqs, num_heads, _ = query.shape
     heads = layout.num_kv_heads
     group = num_heads // heads
-    was = [layout.is_compressed(n - 1) for n in seq_lens]
-    now = [layout.is_compressed(n) for n in seq_lens]
-    alone = [n == 1 or (c and not w) for n, w, c in zip(seq_lens, was, now)]
-    for i in (i for i, a in enumerate(alone) if a):
-        from kvfold.attention_backends.fourier.write import write_heads  # write imports this module
-
-        write_heads(arena, tables, rows[i], key[i : i + 1], value[i : i + 1], seq_lens[i] - 1,
-                    prefill=False, window=window)
-    # One copy for the step's per-request scalars, from pinned memory: torch.tensor(..., device=cuda)
-    # waits for the GPU (the H100 profile showed one stream sync per step, the host idle for the
-    # previous layer's kernels instead of queueing this one's).
-    per_request = to_device(torch.tensor(
-        [seq_lens, [not a for a in alone], was,
-         [UPDATE * (w and not a) + COMPRESSED * c for w, c, a in zip(was, now, alone)]]), dev)
     n, batched, flags = per_request[0], per_request[1].bool(), per_request[3].to(torch.int32)
     enter = write_batched(arena, tables, layer, key, value, rows, n, batched, per_request[2].bool())
 
-    stats = {kind: read_stats(arena, tables, kind, rows, (SCALE, OFFSET)) for kind in KINDS}
+    stats = {kind: read_stats(arena, tables, kind, rows, SCALE, 2) for kind in KINDS}
     q = query.float().view(num_reqs, heads, group, -1)
     q_c = gather_dims(q, tables.compressed["k"])  # [R, H, G, Dc]
     q_k = gather_dims(q, tables.kept["k"])
@@ -155,7 +217,6 @@ def decode_step(
                           pad_to(weights, kernels.pow2(weights.shape[-1])), item=kernels.COEF_K,
                           group=group, rows=2 * freqs, width=tables.width["ck"], project=True, **common)
     const = (q_c * stats["k"][:, :, None, 1]).sum(-1).reshape(num_reqs, num_heads)
-    longest = max(seq_lens)
     middle = layout.middle_length(longest)
     log2 = kernels.scaled_log2(scale)
     spec = torch.zeros(num_reqs, num_heads, kernels.round_up(longest, 64), device=dev)
@@ -166,6 +227,7 @@ def decode_step(
         pad_to(q_k.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["kk"])),
         pad_to(q_c.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["ck"])),
         spec * log2, group=group, longest=longest, reserved=layout.reserved_blocks,
+        longest_middle_end=middle_end, longest_exact=exact,
         block_size=layout.block_size, block_stride=arena.block_stride, slot_stride=arena.slot_stride,
         sink=sink, recent=recent, per=layout.middle_per_row,
         widths=(tables.width["kk"], tables.width["ck"], tables.width["kv"], tables.width["cv"]))
@@ -188,6 +250,8 @@ def decode_step(
         shape = (num_reqs, heads, group, -1)
         spectral_out = (coeffed.view(shape) / freqs * stats["v"][:, :, None, 0]
                         + probs.sum(-1).view(shape) * stats["v"][:, :, None, 1]).reshape(num_reqs, num_heads, -1)
+    # A request not compressed (yet) has no spectral part; its statistics rows hold other data.
+    spectral_out = torch.where(((flags & COMPRESSED) != 0)[:, None, None], spectral_out, 0.0)
     compressed_out = exact_out[..., : tables.width["cv"]] + spectral_out
     out = torch.zeros(num_reqs, heads, group, layout.head_size_v + 1, device=dev)
     for kind_out, index, width in ((kept_out, tables.kept["v"], tables.width["kv"]),
@@ -201,11 +265,12 @@ def pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
 
 
-def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Tensor,
-               which: tuple[int, ...]) -> torch.Tensor:
-    """``[R, H, len(which), Dc]`` statistics rows of every head (zeros beyond a head's dims)."""
-    base = 2 * arena.layout.freqs
-    idx = to_device(torch.tensor([base + w for w in which]), rows.device)[None, None, :]
+def read_stats(arena: CacheArena, tables: HeadTables, kind: str, rows: torch.Tensor, first: int,
+               count: int) -> torch.Tensor:
+    """``[R, H, count, Dc]`` statistics rows ``first ..`` of every head (zeros beyond a head's dims)."""
+    # arange, not a copy of host numbers: a CUDA graph would replay a copy from a freed host buffer.
+    idx = torch.arange(2 * arena.layout.freqs + first, 2 * arena.layout.freqs + first + count,
+                       device=rows.device)[None, None, :]
     addr = row_addresses(arena, tables, kind, True, rows, idx.expand(rows.shape[0], tables.table.shape[0], -1))
     return gather_state(arena.typed(torch.float32), addr // 4, tables, kind)
 
@@ -251,7 +316,7 @@ def write_batched(
     takes = batched & (entering >= sink)
     middle = (entering - sink).clamp(min=0)  # before the first compression: exact, in the coef rows
     per = layout.middle_per_row
-    stat_rows = (2 * freqs + to_device(torch.tensor([SUM, MIN, MAX]), n.device))[None, None, :].expand(num_reqs, heads, -1)
+    stat_rows = torch.arange(2 * freqs + SUM, 2 * freqs + MAX + 1, device=n.device)[None, None, :].expand(num_reqs, heads, -1)
     enter = {}
     for kind, x in zip(KINDS, (key, value)):
         kept = x.reshape(num_reqs, -1)[:, tables.kept_cols[kind]]
@@ -277,4 +342,4 @@ def write_batched(
     return enter
 
 
-assert len(STAT_ROWS) == 5 and (SUM, MIN, MAX, SCALE, OFFSET) == (0, 1, 2, 3, 4)
+assert len(STAT_ROWS) == 5 and (SUM, MIN, MAX, SCALE, OFFSET) == (0, 1, 2, 3, 4)  # rows read as ranges

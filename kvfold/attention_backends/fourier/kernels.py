@@ -10,12 +10,13 @@ linear in them, so kvfold projects the query instead (``reference.middle_scores`
   ``z = C (q_c * scale)``, ``[G, 2k]``;
 * the middle's compressed-dim scores ``(1/k) z F`` for every position are one length-``T`` inverse
   real FFT per query head (``spectral.synthesize``, torch);
-* :func:`_decode_pass` (FlashFourierAttention proper): per (request, KV head, split of its
-  positions) one online softmax over **all** positions. Every position's kept dims come from its
-  paged slot; a sink/recent position's compressed dims from the exact ring, an uncompressed
-  middle's from the coefficient rows that hold it, a compressed middle position's score from the
-  FFT above. It accumulates the values of the kept dims and of the exact tokens' compressed dims,
-  and exports the compressed middle's probabilities (with each tile's running max);
+* :func:`_decode_pass` (FlashFourierAttention proper), launched twice: per (request, KV head,
+  split) one online softmax over the compressed middle (kept dims from the paged slots plus the
+  FFT's scores; it exports the probabilities, with each tile's running max), and one over the
+  positions whose compressed dims are exact (sink and recent tokens from the exact ring, a
+  middle not compressed yet from the coefficient rows that hold it). Both accumulate the values
+  of the kept dims, the second also those of the exact compressed dims; the splits of both are
+  merged in torch;
 * the probabilities' basis weights ``w = p F^T`` are one real FFT per query head (torch);
 * :func:`_coef_pass` (values) reads the value coefficients once more, applies their rank-1 update,
   writes them back and returns ``(w C) / k``, which the re-normalisation turns into the middle's
@@ -86,15 +87,17 @@ def _row_address(Table, BlockTable, Base, h, req_row, rows, item: tl.constexpr,
 @triton.jit
 def _coef_pass(
     Cache32, BlockTable, Base, Table, SeqLens, Flags, Enter, Weights, Out,  # noqa: N803
-    stride_b, stride_er, stride_eh, stride_wr, stride_wh, stride_or, stride_oh,
+    stride_b, stride_er, stride_eh, stride_wr, stride_wh, stride_or, stride_oh, stride_op,
     reserved, block_stride, sink, recent, window,
     ITEM: tl.constexpr, WIDTH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,  # noqa: N803
-    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PROJECT: tl.constexpr,  # noqa: N803
+    ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr,  # noqa: N803
+    BLOCK_D: tl.constexpr, PROJECT: tl.constexpr,  # noqa: N803
 ):
-    """Coefficients ``C [2k, dc]`` of (request, KV head): add ``f(t) x^T`` of the entering token
-    when ``Flags & 1`` (compressed before this step), store, then either (PROJECT) ``Out[g, rows] =
-    C[rows] . Weights[g]`` for this program's row tile, or accumulate ``Out[g] = sum_r Weights[g, r]
-    C[r]`` over all rows. Requests without ``Flags & 2`` (compressed now) are skipped."""
+    """Coefficients ``C [2k, dc]`` of (request, KV head), the rows of this program's range: add
+    ``f(t) x^T`` of the entering token when ``Flags & 1`` (compressed before this step), store,
+    then either (PROJECT) ``Out[g, rows] = C[rows] . Weights[g]``, or (values) the range's part
+    ``Out[g, part] = sum_r Weights[g, r] C[r]``, summed over parts by the caller. Requests without
+    ``Flags & 2`` (compressed now) are skipped."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     flags = tl.load(Flags + r)
@@ -110,14 +113,13 @@ def _coef_pass(
     heads = h * G + offs_g
     enter = tl.load(Enter + r * stride_er + h * stride_eh + offs_d, mask=mask_d, other=0.0)
     req_row = r * stride_b
+    start = tl.program_id(2) * ROWS_PER_PROGRAM
     if PROJECT:
-        start, stop = tl.program_id(2) * BLOCK_R, tl.program_id(2) * BLOCK_R + BLOCK_R
         q = tl.load(Weights + r * stride_wr + heads[:, None] * stride_wh + offs_d[None, :],
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     else:
-        start, stop = 0, ROWS
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for r0 in range(start, stop, BLOCK_R):
+    for r0 in range(start, start + ROWS_PER_PROGRAM, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask_r = (rows < ROWS) & (rows * 0 + active != 0)
         addr = _row_address(Table, BlockTable, Base, h, req_row, rows, ITEM, reserved, block_stride, mask_r)
@@ -139,8 +141,8 @@ def _coef_pass(
                         mask=mask_g[:, None] & (rows < ROWS)[None, :], other=0.0)
             acc += tl.dot(w, coef, input_precision="ieee")
     if not PROJECT:
-        tl.store(Out + r * stride_or + heads[:, None] * stride_oh + offs_d[None, :], acc,
-                 mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(Out + r * stride_or + heads[:, None] * stride_oh + tl.program_id(2) * stride_op + offs_d[None, :],
+                 acc, mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -165,63 +167,80 @@ def _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_p
 def _decode_pass(
     CacheM, BlockTable, Base, Table, SeqLens, Flags, QK, QC, Spec,  # noqa: N803
     P, TileMax, AccK, AccC, MPart, LPart,  # noqa: N803
-    chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
+    chunk, first_split, reserved, block_size, block_stride, slot_stride, sink, recent, per,
     stride_b, stride_qr, stride_qh, stride_cr, stride_ch, stride_sr, stride_sh,
     stride_pr, stride_ph, stride_tr, stride_th,
     stride_ar, stride_ah, stride_as, stride_xr, stride_xh, stride_xs, stride_mr, stride_mh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, ELEM: tl.constexpr,  # noqa: N803
     BLOCK_WK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_WV: tl.constexpr,  # noqa: N803
-    BLOCK_DV: tl.constexpr,  # noqa: N803
+    BLOCK_DV: tl.constexpr, EXACT: tl.constexpr,  # noqa: N803
 ):
+    """One online softmax per (request, KV head, split) over either the compressed middle
+    (``EXACT`` off: kept dims plus the FFT's scores) or the positions whose compressed dims are
+    exact (``EXACT`` on: the sink and recent tokens, and the whole of a request whose middle is
+    not compressed yet). Two compiled kernels instead of one with a branch: the exact-row work
+    needs ``[BLOCK_N, Dc]`` tiles and a second accumulator, which in one kernel took every
+    register and spilled (H100: 255 registers, 264 spills, 2.6x the middle-only kernel's time)
+    for the few tiles that have exact rows."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(SeqLens + r)
     compressed = (tl.load(Flags + r) >> 1) & 1
     middle_end = sink + tl.maximum(n - sink - recent, 0)
-    start = split * chunk
-    end = tl.minimum(start + chunk, n)
+    if EXACT:
+        # Index i < count runs over the sink, then from `resume` on: what follows the
+        # compressed middle, or the rest of the request while nothing is compressed.
+        resume = tl.where(compressed != 0, middle_end, sink)
+        count = tl.minimum(sink, n) + n - tl.minimum(resume, n)
+        start = split * chunk
+        end = tl.minimum(start + chunk, count)
+    else:
+        # Tiles aligned to position 0: the exported probabilities carry one running max per
+        # BLOCK_N positions.
+        start = (sink // BLOCK_N) * BLOCK_N + split * chunk
+        end = tl.minimum(start + chunk, tl.where(compressed != 0, middle_end, 0))
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < G
     heads = h * G + offs_g
     seg_k, width_k = tl.load(Table + h * 20 + 0), tl.load(Table + h * 20 + 1)
     seg_v, width_v = tl.load(Table + h * 20 + 2), tl.load(Table + h * 20 + 3)
-    offs_wk, offs_dk = tl.arange(0, BLOCK_WK), tl.arange(0, BLOCK_DK)
-    offs_wv, offs_dv = tl.arange(0, BLOCK_WV), tl.arange(0, BLOCK_DV)
+    offs_wk, offs_wv = tl.arange(0, BLOCK_WK), tl.arange(0, BLOCK_WV)
     # Queries carry the softmax scale * log2(e); so does Spec.
     qk = tl.load(QK + r * stride_qr + heads[:, None] * stride_qh + offs_wk[None, :],
                  mask=mask_g[:, None] & (offs_wk < width_k)[None, :], other=0.0)
-    qc = tl.load(QC + r * stride_cr + heads[:, None] * stride_ch + offs_dk[None, :],
-                 mask=mask_g[:, None] & (offs_dk < BLOCK_DK)[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc_k = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
-    acc_c = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    if EXACT:
+        offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+        qc = tl.load(QC + r * stride_cr + heads[:, None] * stride_ch + offs_dk[None, :],
+                     mask=mask_g[:, None] & (offs_dk < BLOCK_DK)[None, :], other=0.0)
+        acc_c = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     req_row = r * stride_b
     for s0 in range(start, end, BLOCK_N):
-        offs = s0 + tl.arange(0, BLOCK_N)  # int32: positions, blocks and rows divide in 32 bits
-        valid = offs < end
+        index = s0 + tl.arange(0, BLOCK_N)  # int32: positions, blocks and rows divide in 32 bits
+        if EXACT:
+            valid = index < end
+            offs = tl.where(index < sink, index, index - sink + resume)
+        else:
+            offs = index
+            valid = (offs >= sink) & (offs < end)
         block = tl.load(BlockTable + req_row + reserved + offs // block_size, mask=valid, other=0).to(tl.int64)
         slot = block * block_stride + (offs % block_size).to(tl.int64) * slot_stride  # bytes, within a view
-        in_middle = valid & (offs >= sink) & (offs < middle_end)
-        is_mid = in_middle & (offs * 0 + compressed != 0)
-        is_pre = in_middle & (offs * 0 + compressed == 0)
-        is_ring = valid & ((offs < sink) | (offs >= tl.maximum(sink, n - recent)))
-
-        # A tile wholly inside the compressed middle has no exact rows: their addressing, masked
-        # loads and two dots would add zeros, and such tiles are nearly all of a long request.
-        has_exact = tl.max((is_ring | is_pre).to(tl.int32), 0) != 0
-
         kept = tl.load(CacheM + ((slot + seg_k) // ELEM)[:, None] + offs_wk[None, :],
                        mask=valid[:, None] & (offs_wk < width_k)[None, :], other=0.0).to(tl.float32)
         s = tl.dot(qk, tl.trans(kept), input_precision="ieee")
-        if has_exact:
+        if EXACT:
+            is_ring = valid & ((offs < sink) | (offs >= tl.maximum(sink, n - recent)))
+            is_pre = valid & ~is_ring
             exact = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
                                 recent, per, reserved, block_stride, 4, 12, ELEM, BLOCK_DK)
             s += tl.dot(qc, tl.trans(exact), input_precision="ieee")
-        spec = tl.load(Spec + r * stride_sr + heads[:, None] * stride_sh + offs[None, :],
-                       mask=mask_g[:, None] & is_mid[None, :], other=0.0)
-        s = tl.where(valid[None, :], s + spec, float("-inf"))
+        else:
+            s += tl.load(Spec + r * stride_sr + heads[:, None] * stride_sh + offs[None, :],
+                         mask=mask_g[:, None] & valid[None, :], other=0.0)
+        s = tl.where(valid[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -230,21 +249,23 @@ def _decode_pass(
         values = tl.load(CacheM + ((slot + seg_v) // ELEM)[:, None] + offs_wv[None, :],
                          mask=valid[:, None] & (offs_wv < width_v)[None, :], other=0.0).to(tl.float32)
         acc_k = acc_k * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-        acc_c = acc_c * alpha[:, None]
-        if has_exact:
+        if EXACT:
             exact_v = _exact_rows(CacheM, Table, BlockTable, Base, h, req_row, offs, is_ring, is_pre, sink,
                                   recent, per, reserved, block_stride, 8, 16, ELEM, BLOCK_DV)
-            acc_c += tl.dot(p, exact_v, input_precision="ieee")
-        # The compressed middle's probabilities leave for the FFT, relative to this tile's max.
-        tl.store(P + r * stride_pr + heads[:, None] * stride_ph + offs[None, :], p,
-                 mask=mask_g[:, None] & is_mid[None, :])
-        tl.store(TileMax + r * stride_tr + heads * stride_th + s0 // BLOCK_N, m_new, mask=mask_g)
+            acc_c = acc_c * alpha[:, None] + tl.dot(p, exact_v, input_precision="ieee")
+        else:
+            # The compressed middle's probabilities leave for the FFT, relative to this tile's max.
+            tl.store(P + r * stride_pr + heads[:, None] * stride_ph + offs[None, :], p,
+                     mask=mask_g[:, None] & valid[None, :])
+            tl.store(TileMax + r * stride_tr + heads * stride_th + s0 // BLOCK_N, m_new, mask=mask_g)
         m_i = m_new
 
+    split = first_split + split
     part = r * stride_ar + heads[:, None] * stride_ah + split * stride_as
     tl.store(AccK + part + offs_wv[None, :], acc_k, mask=mask_g[:, None] & (offs_wv < BLOCK_WV)[None, :])
-    part = r * stride_xr + heads[:, None] * stride_xh + split * stride_xs
-    tl.store(AccC + part + offs_dv[None, :], acc_c, mask=mask_g[:, None] & (offs_dv < BLOCK_DV)[None, :])
+    if EXACT:
+        part = r * stride_xr + heads[:, None] * stride_xh + split * stride_xs
+        tl.store(AccC + part + offs_dv[None, :], acc_c, mask=mask_g[:, None] & (offs_dv < BLOCK_DV)[None, :])
     ml = r * stride_mr + heads * stride_mh + split
     tl.store(MPart + ml, m_i, mask=mask_g)
     tl.store(LPart + ml, l_i, mask=mask_g)
@@ -256,55 +277,82 @@ def coef_pass(cache32, block_table, base, table, seq_lens, flags, enter, weights
     """Run :func:`_coef_pass` for every (request, KV head); returns ``[R, Hq, 2k]`` (project) or
     ``[R, Hq, width]`` float32."""
     num_reqs, num_heads = enter.shape[0], enter.shape[1] * group
-    out = torch.zeros(num_reqs, num_heads, rows if project else width, device=enter.device)
-    block_r, block_d = 64 if project else 32, pow2(width)
-    grid = (num_reqs, enter.shape[1], triton.cdiv(rows, block_r) if project else 1)
-    _launched["coef_pass_project" if project else "coef_pass_values"] = _coef_pass[grid](
+    block_r, block_d = COEF_BLOCK_R, pow2(width)
+    parts = triton.cdiv(rows, block_r) if project else VALUE_SPLITS
+    per_program = triton.cdiv(triton.cdiv(rows, parts), block_r) * block_r
+    parts = triton.cdiv(rows, per_program)
+    out = torch.zeros(num_reqs, num_heads, *((rows,) if project else (parts, width)), device=enter.device)
+    _launched["coef_pass_project" if project else "coef_pass_values"] = _coef_pass[(num_reqs, enter.shape[1], parts)](
         cache32, block_table, base, table, seq_lens, flags, enter, weights, out,
         block_table.stride(0), enter.stride(0), enter.stride(1), weights.stride(0), weights.stride(1),
-        out.stride(0), out.stride(1), reserved, block_stride, sink, recent, window,
-        ITEM=item, WIDTH=item + 3, G=group, BLOCK_G=pow2(group), ROWS=rows, BLOCK_R=block_r,
-        BLOCK_D=block_d, PROJECT=project, num_warps=4,
+        out.stride(0), out.stride(1), 0 if project else out.stride(2), reserved, block_stride, sink, recent, window,
+        ITEM=item, WIDTH=item + 3, G=group, BLOCK_G=pow2(group), ROWS=rows, ROWS_PER_PROGRAM=per_program,
+        BLOCK_R=block_r, BLOCK_D=block_d, PROJECT=project, num_warps=COEF_NUM_WARPS,
     )
-    return out
+    return out if project else out.sum(2)
 
 
+# Tuning, module-level so that benchmarks.fourier_kernel --sweep can set it; chosen on an H100 at
+# Llama-3.1-8B's shape, 16 requests of 32k (docs/benchmarks/fourier-kernel-sweep-h100.json).
 BLOCK_N = 32
 TARGET_PROGRAMS = 264  # about twice an H100's SMs
+NUM_WARPS = 8  # decode pass: 8 warps took 3.05 ms against 4.15 with 4 (fewer spills in the exact pass)
+COEF_NUM_WARPS = 2  # coefficient passes: 0.42 ms with 2 warps against 0.81 with 4
+COEF_BLOCK_R = 16  # coefficient rows per tile (64 spilled: 255 registers, 174 spills)
+VALUE_SPLITS = 4  # programs per (request, KV head) reading the value coefficients
+
+
+def _splits(tiles: int, programs: int) -> tuple[int, int]:
+    """(splits, tiles per split) spreading ``tiles`` over about TARGET_PROGRAMS programs."""
+    if tiles <= 0:
+        return 0, 0
+    splits = max(1, min(tiles, TARGET_PROGRAMS // max(1, programs)))
+    per = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, per), per
 
 
 def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, *, group: int,
-                longest: int, reserved: int, block_size: int, block_stride: int, slot_stride: int,
-                sink: int, recent: int, per: int, widths: tuple[int, int, int, int]):
-    """Run :func:`_decode_pass`; returns ``(p, tile_max, acc_k, acc_c, m, l)`` per split."""
+                longest: int, longest_middle_end: int, longest_exact: int, reserved: int,
+                block_size: int, block_stride: int, slot_stride: int, sink: int, recent: int, per: int,
+                widths: tuple[int, int, int, int]):
+    """Run :func:`_decode_pass` over the compressed middles and over the exact positions;
+    returns ``(p, tile_max, acc_k, acc_c, m, l)``, the last four per split of either launch.
+
+    ``longest_middle_end``: the largest ``sink + middle`` of a compressed request (0 if none);
+    ``longest_exact``: the most exact positions of a request."""
     num_reqs, num_heads = qk.shape[0], qk.shape[1]
     num_kv = num_heads // group
     dev = qk.device
-    tiles = triton.cdiv(longest, BLOCK_N)
-    splits = max(1, min(tiles, TARGET_PROGRAMS // max(1, num_reqs * num_kv)))
-    chunk = triton.cdiv(tiles, splits) * BLOCK_N
-    splits = triton.cdiv(longest, chunk)
+    block_n = BLOCK_N
+    first = (sink // block_n) * block_n
+    mid_splits, mid_tiles = _splits(triton.cdiv(max(longest_middle_end - first, 0), block_n), num_reqs * num_kv)
+    ex_splits, ex_tiles = _splits(triton.cdiv(longest_exact, block_n), num_reqs * num_kv)
     wk, dk, wv, dv = (pow2(w) for w in widths)
     # Triton compiles a kernel per divisibility of its integer arguments (strides included), so
     # buffers sized by the longest request are padded to multiples of 16: one compiled kernel
     # serves every step instead of a new one whenever the longest request grows.
-    tiles_padded, splits_padded = round_up(tiles, 16), round_up(splits, 16)
+    tiles_padded = round_up(triton.cdiv(longest, block_n), 16)
+    splits_padded = round_up(mid_splits + ex_splits, 16)
     p = torch.zeros(num_reqs, num_heads, spec.shape[-1], device=dev)
     tile_max = torch.full((num_reqs, num_heads, tiles_padded), float("-inf"), device=dev)
     acc_k = torch.zeros(num_reqs, num_heads, splits_padded, wv, device=dev)
     acc_c = torch.zeros(num_reqs, num_heads, splits_padded, dv, device=dev)
     m = torch.full((num_reqs, num_heads, splits_padded), float("-inf"), device=dev)
     l = torch.zeros(num_reqs, num_heads, splits_padded, device=dev)  # noqa: E741
-    _launched["decode_pass"] = _decode_pass[(num_reqs, num_kv, splits)](
-        cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
-        chunk, reserved, block_size, block_stride, slot_stride, sink, recent, per,
-        block_table.stride(0), qk.stride(0), qk.stride(1), qc.stride(0), qc.stride(1),
-        spec.stride(0), spec.stride(1), p.stride(0), p.stride(1), tile_max.stride(0), tile_max.stride(1),
-        acc_k.stride(0), acc_k.stride(1), acc_k.stride(2), acc_c.stride(0), acc_c.stride(1), acc_c.stride(2),
-        m.stride(0), m.stride(1),
-        G=group, BLOCK_G=pow2(group), BLOCK_N=BLOCK_N, ELEM=cache.element_size(),
-        BLOCK_WK=wk, BLOCK_DK=dk, BLOCK_WV=wv, BLOCK_DV=dv, num_warps=4,
-    )
+    for exact, splits, tiles, first_split in ((False, mid_splits, mid_tiles, 0),
+                                              (True, ex_splits, ex_tiles, mid_splits)):
+        if not splits:
+            continue
+        _launched["decode_pass_exact" if exact else "decode_pass_middle"] = _decode_pass[(num_reqs, num_kv, splits)](
+            cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
+            tiles * block_n, first_split, reserved, block_size, block_stride, slot_stride, sink, recent, per,
+            block_table.stride(0), qk.stride(0), qk.stride(1), qc.stride(0), qc.stride(1),
+            spec.stride(0), spec.stride(1), p.stride(0), p.stride(1), tile_max.stride(0), tile_max.stride(1),
+            acc_k.stride(0), acc_k.stride(1), acc_k.stride(2), acc_c.stride(0), acc_c.stride(1), acc_c.stride(2),
+            m.stride(0), m.stride(1),
+            G=group, BLOCK_G=pow2(group), BLOCK_N=block_n, ELEM=cache.element_size(),
+            BLOCK_WK=wk, BLOCK_DK=dk, BLOCK_WV=wv, BLOCK_DV=dv, EXACT=exact, num_warps=NUM_WARPS,
+        )
     return p, tile_max, acc_k, acc_c, m, l
 
 

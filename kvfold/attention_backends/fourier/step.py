@@ -9,18 +9,19 @@ torch rebuild (:func:`paged.visible`), which is the specification's arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from kvfold.attention_backends.fourier.arena import CacheArena
-from kvfold.attention_backends.fourier.decode import HeadTables, decode_step
+from kvfold.attention_backends.fourier.decode import HeadTables, decode_core, plan_step, write_alone
 from kvfold.attention_backends.fourier.kernels import triton_enabled
 from kvfold.attention_backends.fourier.paged import visible
 from kvfold.attention_backends.fourier.rebuild import visible_heads
 from kvfold.attention_backends.fourier.write import write_heads
 from kvfold.attention_backends.paged.attention import causal_gqa_attention, prefill_attention
-from kvfold.attention_backends.paged.metadata import to_device
+from kvfold.attention_backends.paged.graphs import GraphedStep, bucket, kv_cache_key
+from kvfold.attention_backends.paged.transfer import to_device
 
 
 # A decode step allocates float32 scratch of [requests, query heads, longest request] several times
@@ -49,6 +50,30 @@ def decode_groups(
     return groups
 
 
+# Block-table rows are padded to a multiple of this many columns: vLLM hands over as many columns
+# as the step's longest request needs, which would make a new CUDA graph every block.
+TABLE_COLUMNS = 64
+
+
+class GraphedDecode:
+    """One layer's :func:`decode.decode_core` replayed as CUDA graphs (``paged.graphs``): its
+    hundreds of small operations otherwise cost milliseconds of host time per layer and step."""
+
+    def __init__(self, on_memory: Callable[[int], None] | None = None) -> None:
+        self.graphed = GraphedStep(self._core, on_memory=on_memory)
+        self._bound: tuple | None = None
+
+    def _core(self, *inputs: torch.Tensor, **static: int) -> tuple[torch.Tensor]:
+        arena, tables, layer, scale, window = self._bound
+        return (decode_core(arena, tables, layer, *inputs, scale=scale, window=window, **static),)
+
+    def __call__(self, arena: CacheArena, tables: HeadTables, layer: int, inputs: Sequence[torch.Tensor], *,
+                 scale: float, window: int, static: dict[str, int]) -> torch.Tensor:
+        # A graph records the arena's and tables' addresses: both live as long as the engine.
+        self._bound = (arena, tables, layer, scale, window)
+        return self.graphed(kv_cache_key(arena.bytes), *inputs, **static)[0]
+
+
 def attend_step(
     arena: CacheArena,
     layer: int,
@@ -62,9 +87,11 @@ def attend_step(
     *,
     scale: float,
     window: int,
+    graphed: GraphedDecode | None = None,
 ) -> HeadTables | None:
     """Attend ``requests`` = ``(row, first query token, end query token, KV length after the step)``
-    and store their tokens; returns the layer's head tables (built on first use)."""
+    and store their tokens; returns the layer's head tables (built on first use). With ``graphed``
+    the decoding requests run as a padded batch replayed as a CUDA graph (on CUDA)."""
     for i, start, end, seq_len in requests:
         if end - start > 1:
             past = seq_len - (end - start)
@@ -84,11 +111,25 @@ def attend_step(
     decode = [(i, start, seq_len) for i, start, end, seq_len in requests if end - start == 1]
     for group in decode_groups(decode, query.shape[1]) if fast else ():
         tables = tables or HeadTables.build(arena, layer)
-        rows = to_device(torch.tensor([i for i, _, _ in group]), query.device)
-        starts = to_device(torch.tensor([s for _, s, _ in group]), query.device)
-        out = decode_step(arena, tables, layer, query[starts], key[starts], value[starts],
-                          block_table[rows], [n for _, _, n in group], scale=scale, window=window)
-        output[starts] = out.to(output.dtype)
+        num = len(group)
+        padded = bucket(num) if graphed is not None else None
+        pad = (padded or num) - num
+        seq_lens = [n for _, _, n in group]
+        plan = plan_step(arena.layout, seq_lens, window, padded)
+        # Padding requests repeat the first one's rows for reads; they write nothing.
+        rows = to_device(torch.tensor([i for i, _, _ in group] + [group[0][0]] * pad), query.device)
+        starts = to_device(torch.tensor([s for _, s, _ in group] + [group[0][1]] * pad), query.device)
+        table = block_table[rows]
+        if graphed is not None:
+            table = torch.nn.functional.pad(table, (0, -table.shape[1] % TABLE_COLUMNS))
+        q, k, v = query[starts], key[starts], value[starts]
+        write_alone(arena, tables, plan, table, k, v, seq_lens, window)
+        inputs = (q, k, v, table, to_device(plan.per_request, query.device))
+        if graphed is None:
+            out = decode_core(arena, tables, layer, *inputs, scale=scale, window=window, **plan.static)
+        else:
+            out = graphed(arena, tables, layer, inputs, scale=scale, window=window, static=plan.static)
+        output[starts[:num]] = out[:num].to(output.dtype)
     for i, start, seq_len in decode if not fast else ():
         k, v = visible(arena, layer, block_table[i], seq_len, window)
         out = causal_gqa_attention(query[start : start + 1], k, v, scale, seq_len - 1)
