@@ -11,6 +11,8 @@ import argparse
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -403,3 +405,68 @@ def test_decode_step_runs_its_flash_attn_baseline_first_and_through_flash_attn()
         plan_backends(["FLASH_ATTN"], cuda=False)
     with pytest.raises(SystemExit, match="unknown backends"):
         plan_backends(["KVFOLD_VQKV", "FLASH"], cuda=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# VQKV decode kernel benchmark (torch + Triton only: it must run where vLLM and pydantic are absent)
+
+
+def test_vqkv_kernel_benchmark_runs_interpreted_without_vllm_or_pydantic(tmp_path: Path) -> None:
+    out = tmp_path / "vqkv-kernel.json"
+    argv = ["vqkv_kernel", "--device", "cpu", "--context", "600", "--batches", "1,2", "--steps", "2",
+            "--out", str(out)]
+    script = ("import runpy, sys; sys.modules['vllm'] = None; sys.modules['pydantic'] = None; "
+              f"sys.argv = {argv!r}; runpy.run_module('benchmarks.vqkv_kernel', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["kernel"] == "triton" and report["triton_interpreter"] is True
+    assert report["settings"]["num_codes"] == 32 and report["settings"]["coded_tokens"] == 600 - 4 - 508
+    assert sorted(report["batches"]) == ["1", "2"] and report["compiled_kernels"] == {}
+    for batch, entry in report["batches"].items():
+        assert entry["outputs_finite"] is True
+        for key in ("decode_ms", "write_ms"):
+            assert entry[key]["median"] > 0 and entry[key]["steps"] == 2
+        assert entry["dense_sdpa"]["ms"] > 0 and entry["dense_sdpa"]["GB_per_s"] > 0
+        assert entry["decode_vs_dense"] > 0 and entry["must_read_GB_per_s_wall"] > 0
+        moved = entry["bytes"]
+        assert moved["codes"] == int(batch) * 8 * (600 - 4 - 508) * 32
+        assert moved["must_read"] == sum(moved[k] for k in ("codes", "ring", "key_codebook_matrix",
+                                                             "value_codebook"))
+        plan = entry["launch_plan"]
+        assert plan["programs"] == int(batch) * 8 * plan["splits"] and plan["BLOCK_N"] > 0
+    check = report["batches"]["1"]["check_vs_torch_spec"]
+    assert check["max_abs_err_out"] < 1e-2 and check["max_abs_err_lse"] < 1e-3
+
+
+def test_vqkv_kernel_benchmark_restates_the_backends_defaults() -> None:
+    # The benchmark cannot import options.py (pydantic) or backend.py (vLLM); its copies must agree.
+    from benchmarks import vqkv_kernel
+    from kvfold.attention_backends.vqkv import backend
+    from kvfold.attention_backends.vqkv.options import VQKVOptions
+
+    fields = VQKVOptions.model_fields
+    assert (vqkv_kernel.SINK, vqkv_kernel.RECENT) == (fields["sink"].default, fields["recent"].default)
+    assert (vqkv_kernel.LONGEST_STEP, vqkv_kernel.TABLE_COLUMNS) == (backend.LONGEST_STEP, backend.TABLE_COLUMNS)
+
+
+def test_fourier_kernel_sweep_settings_and_the_bytes_it_counts() -> None:
+    import argparse
+
+    import torch
+
+    from benchmarks import fourier_kernel as fk
+
+    assert fk.configs("BLOCK_N=32,64 NUM_WARPS=4") == [{"BLOCK_N": 32, "NUM_WARPS": 4}, {"BLOCK_N": 64, "NUM_WARPS": 4}]
+    with pytest.raises(SystemExit, match="no setting NOPE"):
+        fk.configs("NOPE=1")
+    args = argparse.Namespace(fraction=0.8, sink=4, recent=60, freqs=16, context=300, max_new=16)
+    arena, tables, rows = fk.build(args, 2, torch.device("cpu"))
+    layout = arena.layout
+    kept = 2 * sum(int(d.numel()) for kind in ("k", "v") for d in layout.kept[0][kind])
+    compressed = 2 * sum(int(d.numel()) for kind in ("k", "v") for d in layout.compressed[0][kind])
+    assert kept + compressed == 2 * fk.KV_HEADS * 2 * fk.HEAD_DIM and kept <= layout.cell_bytes
+    middle = 301 - 64
+    assert fk.decode_pass_bytes(arena, tables, 2, 301) == 2 * (301 * kept + 64 * compressed + 2 * fk.HEADS * middle * 4)
+    assert rows.shape == (2, layout.reserved_blocks + -(-301 // 16)) and int(rows.min()) == 1
