@@ -296,6 +296,7 @@ def coef_pass(cache32, block_table, base, table, seq_lens, flags, enter, weights
 # Llama-3.1-8B's shape, 16 requests of 32k (docs/benchmarks/fourier-kernel-sweep-h100.json).
 BLOCK_N = 32
 TARGET_PROGRAMS = 264  # about twice an H100's SMs
+EXACT_BLOCK_N = 16  # the exact pass's tiles: [BLOCK_N, Dc] fp32 rows and their dots spill at 32
 NUM_WARPS = 8  # decode pass: 8 warps took 3.05 ms against 4.15 with 4 (fewer spills in the exact pass)
 COEF_NUM_WARPS = 2  # coefficient passes: 0.42 ms with 2 warps against 0.81 with 4
 COEF_BLOCK_R = 16  # coefficient rows per tile (64 spilled: 255 registers, 174 spills)
@@ -326,7 +327,7 @@ def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, 
     block_n = BLOCK_N
     first = (sink // block_n) * block_n
     mid_splits, mid_tiles = _splits(triton.cdiv(max(longest_middle_end - first, 0), block_n), num_reqs * num_kv)
-    ex_splits, ex_tiles = _splits(triton.cdiv(longest_exact, block_n), num_reqs * num_kv)
+    ex_splits, ex_tiles = _splits(triton.cdiv(longest_exact, EXACT_BLOCK_N), num_reqs * num_kv)
     wk, dk, wv, dv = (pow2(w) for w in widths)
     # Triton compiles a kernel per divisibility of its integer arguments (strides included), so
     # buffers sized by the longest request are padded to multiples of 16: one compiled kernel
@@ -339,18 +340,18 @@ def decode_pass(cache, block_table, base, table, seq_lens, flags, qk, qc, spec, 
     acc_c = torch.zeros(num_reqs, num_heads, splits_padded, dv, device=dev)
     m = torch.full((num_reqs, num_heads, splits_padded), float("-inf"), device=dev)
     l = torch.zeros(num_reqs, num_heads, splits_padded, device=dev)  # noqa: E741
-    for exact, splits, tiles, first_split in ((False, mid_splits, mid_tiles, 0),
-                                              (True, ex_splits, ex_tiles, mid_splits)):
+    for exact, splits, tiles, first_split, tile in ((False, mid_splits, mid_tiles, 0, block_n),
+                                                    (True, ex_splits, ex_tiles, mid_splits, EXACT_BLOCK_N)):
         if not splits:
             continue
         _launched["decode_pass_exact" if exact else "decode_pass_middle"] = _decode_pass[(num_reqs, num_kv, splits)](
             cache, block_table, base, table, seq_lens, flags, qk, qc, spec, p, tile_max, acc_k, acc_c, m, l,
-            tiles * block_n, first_split, reserved, block_size, block_stride, slot_stride, sink, recent, per,
+            tiles * tile, first_split, reserved, block_size, block_stride, slot_stride, sink, recent, per,
             block_table.stride(0), qk.stride(0), qk.stride(1), qc.stride(0), qc.stride(1),
             spec.stride(0), spec.stride(1), p.stride(0), p.stride(1), tile_max.stride(0), tile_max.stride(1),
             acc_k.stride(0), acc_k.stride(1), acc_k.stride(2), acc_c.stride(0), acc_c.stride(1), acc_c.stride(2),
             m.stride(0), m.stride(1),
-            G=group, BLOCK_G=pow2(group), BLOCK_N=block_n, ELEM=cache.element_size(),
+            G=group, BLOCK_G=pow2(group), BLOCK_N=tile, ELEM=cache.element_size(),
             BLOCK_WK=wk, BLOCK_DK=dk, BLOCK_WV=wv, BLOCK_DV=dv, EXACT=exact, num_warps=NUM_WARPS,
         )
     return p, tile_max, acc_k, acc_c, m, l
