@@ -97,12 +97,14 @@ def kernel_times(fn: Callable[[], object], steps: int) -> dict[str, float]:
     return dict(sorted(families.items(), key=lambda kv: -kv[1]))
 
 
-def graph_step_ms(arena: CacheArena, tables: HeadTables, rows: torch.Tensor, qkv: tuple[torch.Tensor, ...],
-                  n: int, window: int, repeats: int) -> dict[str, float] | None:
+def graph_step_ms(graphed: GraphedDecode, arena: CacheArena, tables: HeadTables, rows: torch.Tensor,
+                  qkv: tuple[torch.Tensor, ...], n: int, window: int, repeats: int) -> dict[str, float] | None:
     """The step as the backend runs it: planned on the host, replayed as a CUDA graph
-    (``step.GraphedDecode``); None where the capture did not happen (graph memory limits)."""
+    (``step.GraphedDecode``, one for all batches as a layer has one: graphs share a memory pool,
+    and dropping every graph of a pool before the next capture trips an assert in PyTorch's
+    allocator); None where the capture did not happen (graph memory limits)."""
     batch = rows.shape[0]
-    graphed = GraphedDecode()
+    before = len(graphed.graphed.graphs)
     plan = plan_step(arena.layout, [n] * batch, window, bucket(batch))
 
     def step() -> torch.Tensor:
@@ -110,7 +112,7 @@ def graph_step_ms(arena: CacheArena, tables: HeadTables, rows: torch.Tensor, qkv
         return graphed(arena, tables, 0, inputs, scale=HEAD_DIM**-0.5, window=window, static=plan.static)
 
     step()  # runs eagerly and captures
-    if not graphed.graphed.graphs:
+    if len(graphed.graphed.graphs) == before:
         return None
     times = cuda_ms(step, repeats)
     return {"median": statistics.median(times), "min": min(times)}
@@ -155,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                     "cell_bytes": arena.layout.cell_bytes, "dense_cell_bytes": arena.layout.dense_cell_bytes,
                     "batches": {}}
     g = torch.Generator(device=dev).manual_seed(0)
+    graphed = GraphedDecode()
     for batch in batches:
         q = torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=g)
         k = torch.randn(batch, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=g)
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
                  "decode_pass_bytes": moved}
         if "_decode_pass" in families:
             entry["decode_pass_GB_per_s"] = moved / families["_decode_pass"] / 1e6
-        entry["graph_step_ms"] = graph_step_ms(arena, tables, rows[:batch], (q, k, v), n, window, args.steps)
+        entry["graph_step_ms"] = graph_step_ms(graphed, arena, tables, rows[:batch], (q, k, v), n, window, args.steps)
         entry["dense_sdpa"] = dense_baseline(batch, n, dev, args.steps)
         entry["step_vs_dense"] = entry["step_ms"]["median"] / entry["dense_sdpa"]["ms"]
         if entry["graph_step_ms"]:
