@@ -293,9 +293,10 @@ def coef_pass(cache32, block_table, base, table, seq_lens, flags, enter, weights
 
 
 # Tuning, module-level so that benchmarks.fourier_kernel --sweep can set it; chosen on an H100 at
-# Llama-3.1-8B's shape, 16 requests of 32k (docs/benchmarks/fourier-kernel-sweep-h100.json).
+# Llama-3.1-8B's shape, 16 and 64 requests of 32k (docs/benchmarks/fourier-kernel-sweep*-h100.json;
+# multiply-and-sum in place of tl.dot, without padded query rows, was slower: 12.0 against 10.7 ms).
 BLOCK_N = 32
-TARGET_PROGRAMS = 264  # about twice an H100's SMs
+TARGET_PROGRAMS = 1056  # 8 per H100 SM: at 64 x 32k, 10.7 ms against 12.6 with 264
 EXACT_BLOCK_N = 16  # the exact pass's tiles: [BLOCK_N, Dc] fp32 rows and their dots spill at 32
 NUM_WARPS = 8  # decode pass: 8 warps took 3.05 ms against 4.15 with 4 (fewer spills in the exact pass)
 COEF_NUM_WARPS = 2  # coefficient passes: 0.42 ms with 2 warps against 0.81 with 4
