@@ -241,6 +241,39 @@ def sweep(args: argparse.Namespace, arena: CacheArena, tables: HeadTables, rows:
     return results
 
 
+def plot(report: dict, path: Path) -> Path:
+    """Per batch: the eager step, the graph-replayed step, the decode pass alone and the dense
+    SDPA decode, in milliseconds (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(report["batches"])
+    series = {
+        "step, eager": [report["batches"][b]["step_ms"]["median"] for b in batches],
+        "step, CUDA graph": [(report["batches"][b].get("graph_step_ms") or {}).get("median", float("nan"))
+                             for b in batches],
+        "decode pass (both launches)": [report["batches"][b]["kernels_ms"].get("_decode_pass", float("nan"))
+                                        for b in batches],
+        "dense bf16 SDPA": [report["batches"][b]["dense_sdpa"]["ms"] for b in batches],
+    }
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(batches))], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per layer and step")
+    ax.set_title(f"FourierAttention decode step, {report['context']} tokens, {report['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="1,16,64")
@@ -259,6 +292,7 @@ def main() -> None:
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["compiled_kernels"]))
 
 
