@@ -219,14 +219,16 @@ def decode_core(
     const = (q_c * stats["k"][:, :, None, 1]).sum(-1).reshape(num_reqs, num_heads)
     middle = layout.middle_length(longest)
     log2 = kernels.scaled_log2(scale)
-    spec = torch.zeros(num_reqs, num_heads, kernels.round_up(longest, 64), device=dev)
+    # The kernel wants scores times log2(e) * scale; scaling z and const (not the [R, Hq, L] scores)
+    # saves a pass over the step's largest tensor.
+    spec = torch.zeros(num_reqs, num_heads, kernels.round_up(longest, max(64, kernels.BLOCK_N)), device=dev)
     if middle:
-        spec[..., sink : sink + middle] = spectral.synthesize(z, middle, window) + const[..., None]
+        spec[..., sink : sink + middle] = spectral.synthesize(z * log2, middle, window) + (const * log2)[..., None]
     p, tile_max, acc_k, acc_c, m, l = kernels.decode_pass(  # noqa: E741
         arena.typed(layout.dtype), rows, arena.base, tables.table, seq, flags,
         pad_to(q_k.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["kk"])),
         pad_to(q_c.reshape(num_reqs, num_heads, -1) * log2, kernels.pow2(tables.width["ck"])),
-        spec * log2, group=group, longest=longest, reserved=layout.reserved_blocks,
+        spec, group=group, longest=longest, reserved=layout.reserved_blocks,
         longest_middle_end=middle_end, longest_exact=exact,
         block_size=layout.block_size, block_stride=arena.block_stride, slot_stride=arena.slot_stride,
         sink=sink, recent=recent, per=layout.middle_per_row,
@@ -237,10 +239,11 @@ def decode_core(
     total = (l * alpha).sum(-1)
     kept_out = (acc_k * alpha[..., None]).sum(2) / total[..., None]
     exact_out = (acc_c * alpha[..., None]).sum(2) / total[..., None]
-    # Each exported probability is relative to its tile's running max.
-    tiles = -(-longest // kernels.BLOCK_N)
-    factor = torch.exp2(tile_max[..., :tiles] - top[..., None]).repeat_interleave(kernels.BLOCK_N, -1)[..., :longest]
-    probs = (p[..., :longest] * factor / total[..., None])[..., sink : sink + middle]
+    # Each exported probability is relative to its tile's running max: rescaled per tile through a
+    # view, without a [R, Hq, L] tensor of factors.
+    tiles = p.shape[-1] // kernels.BLOCK_N
+    factor = torch.exp2(tile_max[..., :tiles] - top[..., None]) / total[..., None]
+    probs = (p.view(num_reqs, num_heads, tiles, kernels.BLOCK_N) * factor[..., None]).flatten(2)[..., sink : sink + middle]
     spectral_out = torch.zeros(num_reqs, num_heads, tables.width["cv"], device=dev)
     if middle:
         w = spectral.analyze(probs, window, freqs)

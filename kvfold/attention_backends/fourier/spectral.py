@@ -36,9 +36,10 @@ def synthesize(coef: torch.Tensor, length: int, window: int) -> torch.Tensor:
     pairs = coef.float().unflatten(-1, (freqs, 2))
     # irfft(Y)[t] = (Y_0 + sum_n 2 Re(Y_n e^{i theta_n t})) / T, and 2 Re((a - i b) e^{i theta}) / T
     # * T / 2 = a cos + b sin: so Y_n = (a_n - i b_n) T / 2, and Y_0 = a_0 T (its sin row is zero).
-    bins = torch.complex(pairs[..., 0], -pairs[..., 1]) * (window / 2)
-    bins[..., 0] = pairs[..., 0, 0] * window
-    return torch.fft.irfft(bins, n=window)[..., :length] / freqs
+    # The 1/k scale is applied to the k bins, not to the T outputs: one pass over [..., T] less.
+    bins = torch.complex(pairs[..., 0], -pairs[..., 1]) * (window / 2 / freqs)
+    bins[..., 0] = pairs[..., 0, 0] * (window / freqs)
+    return torch.fft.irfft(bins, n=window)[..., :length]
 
 
 def reconstruct(coef: torch.Tensor, length: int, window: int) -> torch.Tensor:
