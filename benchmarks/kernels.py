@@ -58,7 +58,9 @@ from benchmarks.model_dirs import load_config, model_names
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = ["fa3", "sdpa", "treekv", "vqkv", "fourier", "triton", "fa3_fp8"]
 FOURIER = {"sink": 4, "recent": 1020, "freqs": 512, "fractions": (0.8, 0.8)}  # the paper's middle layers
-VQKV_STAGES = (8, 16)  # kvfold calibrate vqkv defaults: 2 x 8 key + 16 value codes per token and head
+# kvfold calibrate vqkv defaults: 2 x 8 key codes, 16 value groups of 1 stage per token and head
+VQKV_STAGES = (8, 1)
+VQKV_VALUE_GROUPS = 16
 ROTATE_TARGET_BYTES = 512 * 2**20
 MAX_LAYERS = 32
 
@@ -373,7 +375,7 @@ def build_treekv(shape: Shape, batch: int, budget: int, device: torch.device, po
 
 
 def shape_codebooks(head_dim: int, key_stages: int, value_stages: int, device: torch.device,
-                    gen: torch.Generator | None = None):
+                    gen: torch.Generator | None = None, value_groups: int = 1):
     """Random codebooks of the calibrated shape (speed depends on the shape only)."""
     from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook, rope_branches
 
@@ -381,7 +383,8 @@ def shape_codebooks(head_dim: int, key_stages: int, value_stages: int, device: t
         return torch.empty(stages, 256, dims, device=device).normal_(generator=gen)
 
     key = [ResidualCodebook(d.to(device), book(key_stages, d.numel())) for d in rope_branches(head_dim)]
-    value = ResidualCodebook(torch.arange(head_dim, device=device), book(value_stages, head_dim))
+    value = [ResidualCodebook(d.to(device), book(value_stages, d.numel()))
+             for d in torch.arange(head_dim).view(value_groups, -1)]
     return LayerCodebooks(head_dim, head_dim, key, value)
 
 
@@ -392,8 +395,8 @@ def build_vqkv(shape: Shape, batch: int, context: int, device: torch.device,
     from kvfold.attention_backends.vqkv.kernels import decode_attention, key_tables
 
     key_stages, value_stages = VQKV_STAGES
-    books = shape_codebooks(shape.head_dim, key_stages, value_stages, device, gen)
-    num_codes = 2 * key_stages + value_stages
+    books = shape_codebooks(shape.head_dim, key_stages, value_stages, device, gen, VQKV_VALUE_GROUPS)
+    num_codes = books.num_codes
     per_request = context // shape.block_size
     blocks = batch * per_request + 1
     cache = torch.randint(0, 256, (blocks, shape.num_kv_heads, shape.block_size, num_codes),
@@ -413,6 +416,7 @@ def build_vqkv(shape: Shape, batch: int, context: int, device: torch.device,
     tables = key_tables(query, books)
     extra = tables.numel() * 4 + batch * shape.num_heads * shape.head_dim * 4
     return call, required, extra, {"num_codes": num_codes, "stages": list(VQKV_STAGES),
+                                   "value_groups": VQKV_VALUE_GROUPS,
                                    "bf16_kv_bytes": shape.kv_bytes(batch * context)}
 
 
@@ -638,7 +642,8 @@ def measure_one(kernel: str, batch: int, context: int, shape: Shape, args: argpa
     if kernel == "treekv":
         per_layer = math.ceil(per_layer * args.treekv_pool_factor)
     if kernel == "vqkv":  # one-byte codes instead of 2 x head_dim bf16 values
-        per_layer = math.ceil(per_layer * sum((*VQKV_STAGES, VQKV_STAGES[0])) / (4 * shape.head_dim))
+        codes = 2 * VQKV_STAGES[0] + VQKV_VALUE_GROUPS * VQKV_STAGES[1]
+        per_layer = math.ceil(per_layer * codes / (4 * shape.head_dim))
     if kernel == "fourier":
         if context <= FOURIER["sink"] + FOURIER["recent"] + 2 * FOURIER["freqs"]:
             m.status, m.reason = "skipped", "nothing compressed at this context"

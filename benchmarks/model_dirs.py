@@ -49,7 +49,7 @@ def prepare(model_name: str, out_dir: str | Path) -> Path:
 
 
 def write_shape_codebooks(config: dict[str, Any], out_dir: str | Path, key_stages: int = 8,
-                          value_stages: int = 16, seed: int = 0) -> Path:
+                          value_stages: int = 1, seed: int = 0, value_groups: int = 16) -> Path:
     """Random VQKV codebooks of ``config``'s shape, for dummy-weight runs (speed and memory depend
     on the shape only; a real model's come from ``kvfold calibrate vqkv``). Idempotent."""
     import torch
@@ -62,12 +62,13 @@ def write_shape_codebooks(config: dict[str, Any], out_dir: str | Path, key_stage
     manifest = files.CodebookManifest(
         num_layers=int(config["num_hidden_layers"]), num_kv_heads=int(config["num_key_value_heads"]),
         head_size=head, head_size_v=head, key_stages=key_stages, value_stages=value_stages,
-        calibration={"source": "random, shape only (benchmarks/model_dirs.py)", "seed": seed})
+        value_groups=value_groups, calibration={"source": "random, shape only (benchmarks/model_dirs.py)", "seed": seed})
     files.write_manifest(out, manifest)
     g = torch.Generator().manual_seed(seed)
     for layer in files.missing_layers(out, manifest):
         key = [ResidualCodebook(d, torch.randn(key_stages, 256, d.numel(), generator=g))
                for d in rope_branches(head)]
-        value = ResidualCodebook(torch.arange(head), torch.randn(value_stages, 256, head, generator=g))
+        value = [ResidualCodebook(d, torch.randn(value_stages, 256, d.numel(), generator=g))
+                 for d in torch.arange(head).view(value_groups, -1)]
         files.save_layer(out, layer, LayerCodebooks(head, head, key, value))
     return out

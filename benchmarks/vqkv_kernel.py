@@ -44,11 +44,21 @@ from typing import Any
 import torch
 
 from kvfold.attention_backends.vqkv import encode as vq_encode
-from kvfold.attention_backends.vqkv import kernels
-from kvfold.attention_backends.vqkv.calibrate import DEFAULT_KEY_STAGES, DEFAULT_VALUE_STAGES
+from kvfold.attention_backends.vqkv import kernels, ring
+from kvfold.attention_backends.vqkv.calibrate import (
+    DEFAULT_KEY_STAGES,
+    DEFAULT_VALUE_GROUPS,
+    DEFAULT_VALUE_STAGES,
+)
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.pages import PageLayout, write_cells
-from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodebooks, ResidualCodebook, rope_branches
+from kvfold.attention_backends.vqkv.reference import (
+    CODEBOOK_SIZE,
+    LayerCodebooks,
+    ResidualCodebook,
+    rope_branches,
+    value_groups,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 # VQKVOptions' defaults (options.py imports pydantic; tests/test_benchmarks.py checks they agree).
@@ -56,9 +66,12 @@ SINK, RECENT = 4, 508
 # backend.py's (it imports vLLM; the test checks they agree): the longest coded range is rounded up
 # to LONGEST_STEP and block-table rows padded to TABLE_COLUMNS columns, as the backend calls it.
 LONGEST_STEP, TABLE_COLUMNS = 1024, 64
+KERNEL_SETTINGS = ("BLOCK_N", "NUM_WARPS", "TARGET_PROGRAMS", "VECTOR_GATHER", "EXACT_KEY_ROWS", "HEADS_INNER",
+                   "SMALL_BATCH", "ring.BLOCK_E", "ring.NUM_WARPS", "ring.RING_SPLITS")
 
 
-def random_books(key_stages: int, value_stages: int, dev: torch.device, seed: int = 0) -> LayerCodebooks:
+def random_books(key_stages: int, value_stages: int, dev: torch.device, seed: int = 0,
+                 groups: int = 1) -> LayerCodebooks:
     """Random codebooks of the model's shape (``model_dirs.write_shape_codebooks``'s, in memory),
     float32 on ``dev`` as the backend holds them; scaled so a reconstruction has unit variance."""
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +81,8 @@ def random_books(key_stages: int, value_stages: int, dev: torch.device, seed: in
         return ResidualCodebook(dims.to(dev), words.to(dev))
 
     key = [book(d, key_stages) for d in rope_branches(HEAD_DIM)]
-    return LayerCodebooks(HEAD_DIM, HEAD_DIM, key, book(torch.arange(HEAD_DIM), value_stages))
+    value = [book(dims, value_stages) for dims in value_groups(HEAD_DIM, groups)]
+    return LayerCodebooks(HEAD_DIM, HEAD_DIM, key, value)
 
 
 def coded_length(layout: PageLayout, computed: int) -> int:
@@ -81,7 +95,7 @@ def build(args: argparse.Namespace, reqs: int, dev: torch.device
     """(cache, block table, layout, codebooks) of one layer with ``reqs`` requests of ``context``
     cached tokens and room for the next, each owning a contiguous block range after vLLM's null
     block (its reserved blocks first)."""
-    books = random_books(args.key_stages, args.value_stages, dev)
+    books = random_books(args.key_stages, args.value_stages, dev, groups=args.value_groups)
     layout = PageLayout(books.num_codes, HEAD_DIM, HEAD_DIM, torch.bfloat16, args.sink, args.recent, BLOCK)
     if coded_length(layout, args.context) <= 0:
         raise SystemExit(f"--context {args.context} leaves nothing coded beyond {args.sink} sink and "
@@ -222,10 +236,11 @@ def step_bytes(layout: PageLayout, books: LayerCodebooks, reqs: int, computed: i
     codes = reqs * KV_HEADS * coded * layout.num_codes
     ring = reqs * KV_HEADS * layout.ring_entries * layout.cells_per_entry * layout.num_codes
     key_matrix = HEAD_DIM * books.key_codes * CODEBOOK_SIZE * 4
-    value_book = books.value.stages * CODEBOOK_SIZE * HEAD_DIM * 2
+    stages = books.value[0].stages  # per group; a group's stages cover its dims only
+    value_book = stages * CODEBOOK_SIZE * HEAD_DIM * 2
     tables = reqs * HEADS * books.key_codes * CODEBOOK_SIZE * 4
     group = HEADS // KV_HEADS
-    gathers = reqs * KV_HEADS * coded * (books.value.stages * HEAD_DIM * 2 + books.key_codes * group * 4)
+    gathers = reqs * KV_HEADS * coded * (stages * HEAD_DIM * 2 + books.key_codes * group * 4)
     return {"codes": codes, "ring": ring, "key_codebook_matrix": key_matrix, "value_codebook": value_book,
             "must_read": codes + ring + key_matrix + value_book, "adc_tables": tables,
             "split_kernel": codes + value_book + tables, "l2_gathers": gathers}
@@ -233,7 +248,7 @@ def step_bytes(layout: PageLayout, books: LayerCodebooks, reqs: int, computed: i
 
 def launch_plan(reqs: int, longest: int) -> dict[str, int]:
     """The split kernel's grid as ``kernels.decode_attention`` chooses it for this batch."""
-    block_n = kernels.block_n_for(HEAD_DIM)
+    block_n = kernels.block_n_for(HEAD_DIM, reqs, KV_HEADS)
     splits, chunk = kernels.num_splits_for(reqs, KV_HEADS, longest, block_n)
     return {"grid": [reqs, KV_HEADS, splits], "programs": reqs * KV_HEADS * splits, "splits": splits,
             "chunk": chunk, "tiles_per_program": chunk // block_n, "BLOCK_N": block_n,
@@ -288,6 +303,24 @@ def check_kernel(query: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, l
             "max_abs_out": float(ref_out.abs().max())}
 
 
+def check_ring(step: Callable[[], torch.Tensor], out: torch.Tensor) -> dict[str, float]:
+    """The step as run (exact tokens in the ring kernel where it applies) against the same step
+    with the exact tokens gathered and attended in torch, as the specification does."""
+    if not ring.usable(*_RING_ARGS):
+        return {"ring_kernel": False}
+    saved = ring.usable
+    ring.usable = lambda *a: False
+    try:
+        want = step()
+    finally:
+        ring.usable = saved
+    return {"ring_kernel": True, "max_abs_err": float((out - want).abs().max()),
+            "max_abs_out": float(want.abs().max())}
+
+
+_RING_ARGS: tuple = ()
+
+
 def run(args: argparse.Namespace) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -311,7 +344,10 @@ def run(args: argparse.Namespace) -> dict:
                   "dtype": "bfloat16"},
         "context": args.context,
         "settings": {"sink": args.sink, "recent": args.recent, "key_stages": args.key_stages,
-                     "value_stages": args.value_stages, "codebook_size": CODEBOOK_SIZE,
+                     "value_stages": args.value_stages, "value_groups": args.value_groups,
+                     "kernel_settings": {name: getattr(ring if name.startswith("ring.") else kernels,
+                                                        name.rpartition(".")[2]) for name in KERNEL_SETTINGS},
+                     "codebook_size": CODEBOOK_SIZE,
                      "num_codes": layout.num_codes, "cells_per_entry": layout.cells_per_entry,
                      "reserved_blocks": layout.reserved_blocks, "coded_tokens": coded_length(layout, computed)},
         "batches": {},
@@ -324,6 +360,9 @@ def run(args: argparse.Namespace) -> dict:
         rows = tables[:batch]
         seq_lens = torch.full((batch,), n, device=dev, dtype=torch.long)
         positions = torch.full((batch,), computed, device=dev, dtype=torch.long)
+
+        global _RING_ARGS
+        _RING_ARGS = (q, cache, layout)
 
         def step() -> torch.Tensor:
             return decode_step(q, k, v, cache, rows, seq_lens, layout, books, HEAD_DIM**-0.5, longest=longest)
@@ -338,6 +377,7 @@ def run(args: argparse.Namespace) -> dict:
                        "outputs_finite": bool(torch.isfinite(out).all())}
         if i == 0:
             entry["check_vs_torch_spec"] = check_kernel(q, cache, rows, layout, books, computed, longest)
+            entry["check_step_vs_torch_ring"] = check_ring(step, out)
         entry["decode_ms"] = summary(timer(step, args.steps))
         entry["write_ms"] = summary(timer(write, args.steps))
         moved = step_bytes(layout, books, batch, computed)
@@ -375,7 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sink", type=int, default=SINK)
     p.add_argument("--recent", type=int, default=RECENT)
     p.add_argument("--key-stages", type=int, default=DEFAULT_KEY_STAGES, help="per key RoPE branch")
-    p.add_argument("--value-stages", type=int, default=DEFAULT_VALUE_STAGES)
+    p.add_argument("--value-stages", type=int, default=DEFAULT_VALUE_STAGES, help="per value group")
+    p.add_argument("--value-groups", type=int, default=DEFAULT_VALUE_GROUPS)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a decode-kernel setting for this run, one of {', '.join(KERNEL_SETTINGS)}")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--device", default="cuda",
@@ -384,8 +427,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def apply_settings(pairs: list[str]) -> None:
+    """``--set NAME=VALUE``: module-level settings of ``vqkv/kernels.py`` (ints or true/false)."""
+    for pair in pairs:
+        name, _, raw = pair.partition("=")
+        if name not in KERNEL_SETTINGS or not raw:
+            raise SystemExit(f"--set {pair}: expected NAME=VALUE with NAME in {KERNEL_SETTINGS}")
+        value = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
+        module, _, attribute = name.rpartition(".")
+        setattr(ring if module == "ring" else kernels, attribute, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    apply_settings(args.set)
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

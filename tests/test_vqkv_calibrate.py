@@ -28,7 +28,8 @@ from kvfold.cli import main
 # Small enough for seconds on 2 cores: 8 sequences of 512 byte tokens, 2 KV heads -> 8128 rows.
 TINY_TOKENS, TINY_SEQ_LEN, TINY_SAMPLES = 4096, 512, 4096
 TINY_ARGS = ["--tokens", str(TINY_TOKENS), "--seq-len", str(TINY_SEQ_LEN), "--key-stages", "2",
-             "--value-stages", "2", "--iterations", "5", "--max-samples", str(TINY_SAMPLES)]
+             "--value-stages", "2", "--value-groups", "2", "--iterations", "5",
+             "--max-samples", str(TINY_SAMPLES)]
 HELD_OUT = Path("/usr/share/common-licenses/GPL-3")
 
 
@@ -116,7 +117,8 @@ def test_manifest_describes_the_model(tiny_llama: Path, tiny_books: Path) -> Non
     assert (manifest.num_layers, manifest.num_kv_heads) == (config["num_hidden_layers"],
                                                            config["num_key_value_heads"])
     assert manifest.head_size == manifest.head_size_v == config["head_dim"]
-    assert (manifest.key_stages, manifest.value_stages, manifest.num_codes) == (2, 2, 6)
+    assert (manifest.key_stages, manifest.value_stages, manifest.value_groups) == (2, 2, 2)
+    assert manifest.num_codes == 2 * 2 + 2 * 2
     assert missing_layers(tiny_books, manifest) == []
     assert not (tiny_books / calib.SAMPLES_DIR).exists()  # dropped once every layer is written
     assert manifest.calibration["tokens"] == TINY_TOKENS
@@ -140,9 +142,15 @@ def test_codes_round_trip_and_beat_the_mean(tiny_books: Path, tiny_samples: dict
             summed = sum(branch.codewords[j][picks[:, j]] for j in range(branch.stages))
             torch.testing.assert_close(approx_k[:, branch.dims], summed)
             start += branch.stages
-        values_picked = codes[:, start:].long()
-        torch.testing.assert_close(approx_v, sum(books.value.codewords[j][values_picked[:, j]]
-                                                 for j in range(books.value.stages)))
+        # Value group g's dims (contiguous, in turn) are the sum of its stages' picks.
+        width = manifest.head_size_v // manifest.value_groups
+        for g, group in enumerate(books.value):
+            assert torch.equal(group.dims, torch.arange(g * width, (g + 1) * width))
+            picks = codes[:, start : start + group.stages].long()
+            summed = sum(group.codewords[j][picks[:, j]] for j in range(group.stages))
+            torch.testing.assert_close(approx_v[:, group.dims], summed)
+            start += group.stages
+        assert start == manifest.num_codes
         err_k, err_v = relative_error(approx_k, keys), relative_error(approx_v, values)
         recorded = manifest.calibration["errors"][index]
         assert recorded["key"] == pytest.approx(err_k, abs=1e-4)
@@ -175,9 +183,9 @@ def test_resume_fits_only_the_missing_layer(tiny_llama: Path, tiny_books: Path, 
     fitted: list[int] = []
     fit_layer = calib.fit_layer
 
-    def counted(keys, values, key_stages, value_stages, iterations, seed, device):
+    def counted(keys, values, key_stages, value_stages, iterations, seed, device, *groups):
         fitted.append(seed)
-        return fit_layer(keys, values, key_stages, value_stages, iterations, seed, device)
+        return fit_layer(keys, values, key_stages, value_stages, iterations, seed, device, *groups)
 
     monkeypatch.setattr(calib, "fit_layer", counted)
     calibrate_cli(tiny_llama, out)
@@ -197,10 +205,10 @@ def test_interrupted_run_resumes_from_cached_samples(tiny_llama: Path, tmp_path:
     out = tmp_path / "books"
     fit_layer = calib.fit_layer
 
-    def crash_on_layer_1(keys, values, key_stages, value_stages, iterations, seed, device):
+    def crash_on_layer_1(keys, values, key_stages, value_stages, iterations, seed, device, *groups):
         if seed == 1:
             raise KeyboardInterrupt
-        return fit_layer(keys, values, key_stages, value_stages, iterations, seed, device)
+        return fit_layer(keys, values, key_stages, value_stages, iterations, seed, device, *groups)
 
     monkeypatch.setattr(calib, "fit_layer", crash_on_layer_1)
     with pytest.raises(KeyboardInterrupt):
@@ -238,7 +246,7 @@ def test_layers_subset_leaves_the_rest_missing(tiny_llama: Path, tmp_path: Path)
                                layers=[1], progress=False)
     assert manifest.num_layers == 2
     assert missing_layers(tmp_path, manifest) == [0]
-    assert load_layer(tmp_path, 1, manifest).num_codes == 3
+    assert load_layer(tmp_path, 1, manifest).num_codes == manifest.num_codes == 2 + calib.DEFAULT_VALUE_GROUPS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +258,10 @@ def test_layers_subset_leaves_the_rest_missing(tiny_llama: Path, tmp_path: Path)
 # minute: the held-out errors below moved by under 1% with 16k rows or 8 iterations.
 SMOL_LAYERS = [2, 9]
 SMOL_CALIBRATION = {"num_tokens": 6144, "seq_len": 1024, "max_samples": 12288, "iterations": 5}
-# Measured on GPL-3 (12240 rows per layer): K 0.217 / 0.186 and V 0.331 / 0.348 for layers 2 / 9,
-# where the mean row gives K ~0.9, V ~0.98 and unfitted codebooks K 0.31-0.32, V 0.44-0.50. Errors
+# Measured on GPL-3 (12240 rows per layer): K 0.217 / 0.186 and V 0.326 / 0.321 for layers 2 / 9
+# (16 value groups of 4 dims, the default; one 16-stage residual value codebook gave 0.331 / 0.348),
+# where the mean row gives K ~0.9, V ~0.98 and unfitted codebooks K 0.31-0.32, V 0.36-0.37 (0.44-0.50
+# for the one residual value codebook). Errors
 # on the fitting rows are far lower (K 0.12-0.13, V 0.12-0.16): Python in, English out, 4096 value
 # codewords for 12k rows overfit. The defaults (64k rows, 20 iterations) gave K 0.174 / 0.203,
 # V 0.336 / 0.329 on layers 10 / 20: more rows barely move the held-out V error. Bounds: the
@@ -260,6 +270,9 @@ KEY_BOUND = 0.25
 VALUE_BOUND = 0.40
 # Fitted must beat unfitted by 15% at least; measured 25-42% lower (V of layer 2 the closest).
 UNFITTED_RATIO = 0.85
+# The value's default groups are 4 dims wide at SmolLM2's head size: 256 sampled rows already cover
+# such a space fairly well (unfitted V 0.37 against fitted 0.33), so fitting must win by less.
+UNFITTED_RATIO_VALUE = 0.92
 
 
 @pytest.mark.skipif(not HELD_OUT.is_file(), reason=f"held-out text {HELD_OUT} not on this machine")
@@ -283,11 +296,12 @@ def test_smollm2_codebooks_generalize_to_held_out_text(smollm2: Path, tmp_path: 
         err = calib.layer_errors(load_layer(tmp_path, index, manifest), keys, values)
         # Unfitted: each stage's codewords are random rows of what the stages before left over.
         unfitted = calib.fit_layer(*calibration_rows[index], manifest.key_stages,
-                                   manifest.value_stages, iterations=0, seed=index)
+                                   manifest.value_stages, iterations=0, seed=index,
+                                   value_groups=manifest.value_groups)
         base = calib.layer_errors(unfitted, keys, values)
         print(f"layer {index}: held-out K {err['key']:.4f} V {err['value']:.4f}; unfitted K "
               f"{base['key']:.4f} V {base['value']:.4f}; mean row K {mean_baseline(keys):.4f} "
               f"V {mean_baseline(values):.4f}; on the samples {manifest.calibration['errors']}")
         assert err["key"] < KEY_BOUND and err["value"] < VALUE_BOUND, (index, err)
         assert err["key"] < UNFITTED_RATIO * base["key"], (index, err, base)
-        assert err["value"] < UNFITTED_RATIO * base["value"], (index, err, base)
+        assert err["value"] < UNFITTED_RATIO_VALUE * base["value"], (index, err, base)

@@ -13,12 +13,13 @@ import torch
 from kvfold.attention_backends.vqkv.encode import encode_triton
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook, rope_branches
 
-# (dtype, head size, KV heads, tokens, key stages per branch, value stages)
+# (dtype, head size, KV heads, tokens, key stages per branch, value stages; -n: n value groups of one)
 CASES = [
     (torch.float32, 64, 3, 37, 2, 4),
     (torch.bfloat16, 128, 2, 70, 8, 16),
     (torch.float32, 48, 2, 5, 4, 8),
     (torch.bfloat16, 64, 2, 2100, 2, 2),  # > SMALL_ROWS rows: the prefill's larger programs
+    (torch.bfloat16, 128, 2, 70, 8, -16),  # negative: 16 value groups of one stage each
 ]
 
 
@@ -29,7 +30,9 @@ def books_for(head_size: int, key_stages: int, value_stages: int, seed: int) -> 
     key = [ResidualCodebook(dims, torch.randn(key_stages, 256, dims.numel(), generator=g) * shrink(key_stages))
            for dims in rope_branches(head_size)]
     value_dims = torch.randperm(head_size, generator=g)  # any column order, as a codebook may list
-    value = ResidualCodebook(value_dims, torch.randn(value_stages, 256, head_size, generator=g) * shrink(value_stages))
+    groups, stages = (-value_stages, 1) if value_stages < 0 else (1, value_stages)
+    value = [ResidualCodebook(d, torch.randn(stages, 256, d.numel(), generator=g) * shrink(stages))
+             for d in value_dims.view(groups, -1)]
     return LayerCodebooks(head_size, head_size, key, value)
 
 
@@ -57,7 +60,8 @@ def check_case(case, device: str) -> float:
 
 def _moved(books: LayerCodebooks, device: str) -> LayerCodebooks:
     move = lambda b: ResidualCodebook(b.dims.to(device), b.codewords.to(device))  # noqa: E731
-    return LayerCodebooks(books.head_size, books.head_size_v, [move(b) for b in books.key], move(books.value))
+    return LayerCodebooks(books.head_size, books.head_size_v, [move(b) for b in books.key],
+                          [move(b) for b in books.value])
 
 
 @pytest.mark.triton

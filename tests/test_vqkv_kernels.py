@@ -6,7 +6,8 @@ with random bytes wherever no code was written, so a wrong cell address shows; t
 ``reserved_blocks`` column offset and rows built from a random permutation of the blocks. Ranges
 cover an empty one, one not aligned to blocks, one whole block and a single position; the cases a
 query group of 3 (SmolLM2's 9/3 heads), 4 and 8, head sizes 64 and 128, float32 and bfloat16
-queries, and 6 to 64 codes per token.
+queries, 6 to 64 codes per token, and the value as one residual codebook or as 2 to 16 groups of
+dims (codes read per group and broadcast, or per dim).
 """
 
 import pytest
@@ -19,6 +20,7 @@ from kvfold.attention_backends.vqkv.kernels import (
     key_codebook_matrix,
     key_tables,
     value_codebook,
+    value_layout,
 )
 from kvfold.attention_backends.vqkv.reference import (
     CODEBOOK_SIZE,
@@ -29,30 +31,36 @@ from kvfold.attention_backends.vqkv.reference import (
 
 BLOCK_SIZE, RESERVED = 16, 2
 RANGES = [(5, 203), (37, 37), (16, 32), (130, 131)]  # [start, end) per request
-# (query dtype, head size, KV heads, query group, key stages per branch, value stages)
+# (query dtype, head size, KV heads, query group, key stages per branch, value stages per group,
+# value groups)
 CASES = [
-    (torch.float32, 64, 3, 3, 2, 4),
-    (torch.float32, 64, 3, 3, 8, 16),
-    (torch.bfloat16, 128, 2, 4, 2, 4),
-    (torch.bfloat16, 128, 2, 4, 8, 16),
-    (torch.float32, 64, 1, 8, 16, 32),  # 64 codes per token
+    (torch.float32, 64, 3, 3, 2, 4, 1),
+    (torch.float32, 64, 3, 3, 8, 16, 1),
+    (torch.bfloat16, 128, 2, 4, 2, 4, 1),
+    (torch.bfloat16, 128, 2, 4, 8, 16, 1),
+    (torch.float32, 64, 1, 8, 16, 32, 1),  # 64 codes per token
+    (torch.float32, 64, 3, 3, 8, 1, 16),  # product quantization: one stage per group of 4 dims
+    (torch.bfloat16, 128, 2, 4, 8, 1, 16),
+    (torch.bfloat16, 128, 2, 4, 2, 2, 4),
 ]
 
 
-def make_books(head_size: int, key_stages: int, value_stages: int, g: torch.Generator) -> LayerCodebooks:
+def make_books(head_size: int, key_stages: int, value_stages: int, g: torch.Generator,
+               groups: int = 1, shuffle: bool = False) -> LayerCodebooks:
     # Plain normal codewords (no decay over stages), so every stage counts at the tolerances used.
     key = [ResidualCodebook(dims, torch.randn(key_stages, CODEBOOK_SIZE, dims.numel(), generator=g))
            for dims in rope_branches(head_size)]
-    value = ResidualCodebook(torch.arange(head_size),
-                             torch.randn(value_stages, CODEBOOK_SIZE, head_size, generator=g))
+    dims = torch.randperm(head_size, generator=g) if shuffle else torch.arange(head_size)
+    value = [ResidualCodebook(d, torch.randn(value_stages, CODEBOOK_SIZE, d.numel(), generator=g))
+             for d in dims.view(groups, -1)]
     return LayerCodebooks(head_size, head_size, key, value)
 
 
-def make_problem(case: tuple, device: str, ranges=RANGES):
+def make_problem(case: tuple, device: str, ranges=RANGES, shuffle: bool = False):
     """Books, per-request codes ``[end, Hk, C]``, the paged cache, block table, ranges and query."""
-    dtype, head_size, num_kv_heads, group, key_stages, value_stages = case
+    dtype, head_size, num_kv_heads, group, key_stages, value_stages, groups = case
     g = torch.Generator().manual_seed(0)
-    books = make_books(head_size, key_stages, value_stages, g)
+    books = make_books(head_size, key_stages, value_stages, g, groups, shuffle)
     num_codes = books.num_codes
     widths = [RESERVED + -(-end // BLOCK_SIZE) for _, end in ranges]
     num_blocks = sum(widths) + 5
@@ -146,9 +154,10 @@ def test_log_sum_exp_merges_ranges() -> None:
     torch.testing.assert_close(lse, want_lse)
 
 
-def check_case(case: tuple, device: str, num_splits: int | None = None) -> tuple[float, float]:
+def check_case(case: tuple, device: str, num_splits: int | None = None,
+               shuffle: bool = False) -> tuple[float, float]:
     """Kernel vs specification on ``device``; returns the largest (output, lse) differences."""
-    books, _, cache, table, starts, ends, query = make_problem(case, device)
+    books, _, cache, table, starts, ends, query = make_problem(case, device, shuffle=shuffle)
     scale = case[1] ** -0.5
     out, lse = decode_attention(query, cache, table, RESERVED, starts, ends, books, scale, num_splits=num_splits)
     want_out, want_lse = decode_attention_torch(query, cache, table, RESERVED, starts, ends, books, scale)
@@ -177,3 +186,26 @@ def test_kernel_equals_the_torch_specification(case) -> None:
 def test_kernel_split_counts(num_splits) -> None:
     """One split: programs loop over several tiles; 7: splits that end mid-range or hold nothing."""
     check_case(CASES[2], "cpu", num_splits)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(("vector", "exact_rows", "heads_inner"),
+                         [(True, True, True), (True, True, False), (False, False, False)])
+def test_value_groups_in_any_dim_order(vector, exact_rows, heads_inner,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups over shuffled dims: the kernel's columns come out in group order and are put back;
+    values gathered per (token, group) as vectors or per (token, dim); scores gathered for the
+    group's heads at once (tables heads-inner), per real query row, or for all padded rows."""
+    from kvfold.attention_backends.vqkv import kernels
+
+    monkeypatch.setattr(kernels, "VECTOR_GATHER", vector)
+    monkeypatch.setattr(kernels, "EXACT_KEY_ROWS", exact_rows)
+    monkeypatch.setattr(kernels, "HEADS_INNER", heads_inner)
+    check_case((torch.float32, 64, 2, 4, 2, 2, 4), "cpu", shuffle=True)
+
+
+def test_value_groups_of_unequal_shape_are_refused() -> None:
+    books = make_books(64, 2, 1, torch.Generator().manual_seed(1), groups=4)
+    books.value[1] = ResidualCodebook(books.value[1].dims, books.value[1].codewords.repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="equal width and stage count"):
+        value_layout(books)

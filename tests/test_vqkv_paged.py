@@ -24,7 +24,8 @@ from kvfold.attention_backends.vqkv.reference import (
 )
 
 HQ, HK, D, BS = 4, 2, 64, 16
-KEY_STAGES, VALUE_STAGES = 2, 3
+# 8 codes per cell: float32 ring entries aligned, so the Triton run reads them in the ring kernel.
+KEY_STAGES, VALUE_STAGES, VALUE_GROUPS = 2, 2, 2
 SINK, RECENT = 4, 20
 LAYER = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
 
@@ -33,7 +34,8 @@ def random_books(seed: int) -> LayerCodebooks:
     g = torch.Generator().manual_seed(seed)
     key = [ResidualCodebook(dims, torch.randn(KEY_STAGES, 256, D // 2, generator=g) / (j + 1))
            for j, dims in enumerate(rope_branches(D))]
-    value = ResidualCodebook(torch.arange(D), torch.randn(VALUE_STAGES, 256, D, generator=g))
+    value = [ResidualCodebook(dims, torch.randn(VALUE_STAGES, 256, D // VALUE_GROUPS, generator=g))
+             for dims in torch.arange(D).view(VALUE_GROUPS, -1)]
     return LayerCodebooks(D, D, key, value)
 
 
@@ -41,7 +43,8 @@ def random_books(seed: int) -> LayerCodebooks:
 def codebook_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("vqkv-books")
     manifest = files.CodebookManifest(num_layers=2, num_kv_heads=HK, head_size=D, head_size_v=D,
-                                      key_stages=KEY_STAGES, value_stages=VALUE_STAGES)
+                                      key_stages=KEY_STAGES, value_stages=VALUE_STAGES,
+                                      value_groups=VALUE_GROUPS)
     files.write_manifest(directory, manifest)
     for layer in range(2):
         files.save_layer(directory, layer, random_books(layer))
@@ -76,7 +79,7 @@ def run_paged_steps(vllm_config: VllmConfig, device: str) -> None:
     with set_current_vllm_config(vllm_config):
         impl = VQKVImpl(HQ, D, D**-0.5, HK)
     books = random_books(1)  # layer 1's
-    num_codes = 2 * KEY_STAGES + VALUE_STAGES
+    num_codes = 2 * KEY_STAGES + VALUE_GROUPS * VALUE_STAGES
     layout = PageLayout(num_codes, D, D, torch.float32, SINK, RECENT, BS)
     cache = torch.randint(0, 256, (400, HK, BS, num_codes), dtype=torch.uint8, device=device)
     free = list(range(1, cache.shape[0]))  # block 0 is vLLM's null block
@@ -132,10 +135,10 @@ def test_spec_counts_codes_and_the_reserved_blocks(tiny_llama, codebook_dir) -> 
     full = FullAttentionSpec(block_size=BS, num_kv_heads=HK, head_size=D, dtype=torch.bfloat16)
     with set_current_vllm_config(config):
         spec = VQKVBackend.customize_spec(full)
-    num_codes = 2 * KEY_STAGES + VALUE_STAGES
+    num_codes = 2 * KEY_STAGES + VALUE_GROUPS * VALUE_STAGES
     assert isinstance(spec, ReservedBlocksSpec) and spec.page_size_bytes == BS * HK * num_codes
-    # Each exact token (bf16 K and V: 256 bytes) spans ceil(256 / 7) = 37 cells of 7 code bytes.
-    assert spec.reserved_blocks == -(-(SINK + RECENT) * 37 // BS)
+    # Each exact token (bf16 K and V: 256 bytes) spans 256 / 8 = 32 cells of 8 code bytes.
+    assert spec.reserved_blocks == -(-(SINK + RECENT) * 32 // BS)
     per_request = spec.max_memory_usage_bytes(config)
     assert per_request == (4096 // BS + spec.reserved_blocks) * spec.page_size_bytes
     assert VQKVBackend.customize_spec(spec) is spec

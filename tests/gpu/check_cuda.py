@@ -225,7 +225,7 @@ def vqkv_paged_steps(model: Path, report: dict) -> Path:
     files.write_manifest(books, files.CodebookManifest(
         num_layers=2, num_kv_heads=test_vqkv_paged.HK, head_size=test_vqkv_paged.D,
         head_size_v=test_vqkv_paged.D, key_stages=test_vqkv_paged.KEY_STAGES,
-        value_stages=test_vqkv_paged.VALUE_STAGES))
+        value_stages=test_vqkv_paged.VALUE_STAGES, value_groups=test_vqkv_paged.VALUE_GROUPS))
     for layer in range(2):
         files.save_layer(books, layer, test_vqkv_paged.random_books(layer))
     for graphs in ("strict", "0"):

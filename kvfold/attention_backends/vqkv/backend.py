@@ -53,6 +53,7 @@ def manifest_at(directory: str) -> files.CodebookManifest:
 def codebook_bytes(manifest: files.CodebookManifest) -> int:
     """float32 codebooks of one layer, as held on the device."""
     m = manifest
+    # Key branches split D dims; value groups split Dv dims: every stage covers its dims once.
     floats = m.codebook_size * (m.key_stages * m.head_size + m.value_stages * m.head_size_v)
     return 4 * floats
 
@@ -101,7 +102,8 @@ class VQKVImpl(KvfoldImpl):
                 return ResidualCodebook(book.dims.to(device), book.codewords.to(device, torch.float32))
 
             self._books = LayerCodebooks(
-                books.head_size, books.head_size_v, [moved(b) for b in books.key], moved(books.value)
+                books.head_size, books.head_size_v, [moved(b) for b in books.key],
+                [moved(b) for b in books.value],
             )
         return self._books
 

@@ -3,7 +3,8 @@
 Calibration runs the Hugging Face model over text, takes the rotated keys and the values from its
 cache (what vLLM hands the attention backend), and fits one :class:`LayerCodebooks` per layer with
 residual k-means (:func:`reference.fit_residual`): two key branches (the high- and low-frequency RoPE
-dims) of ``key_stages`` stages each and the value over all dims with ``value_stages`` stages. The KV
+dims) of ``key_stages`` stages each and ``value_groups`` contiguous groups of value dims with
+``value_stages`` stages each. The KV
 heads of a layer share its codebooks, so a layer's samples pool tokens and heads.
 
 Defaults, sized for a CPU and a small model such as SmolLM2-135M (the paper fits on ~10M tokens of
@@ -48,7 +49,10 @@ if TYPE_CHECKING:
     from kvfold.attention_backends.vqkv.reference import LayerCodebooks
 
 DEFAULT_KEY_STAGES = 8
-DEFAULT_VALUE_STAGES = 16
+# The value as 16 groups of one stage (product quantization, 16 bytes): docs/vqkv.md has why. The
+# paper's layout is --value-groups 1 --value-stages 16 (the same bytes).
+DEFAULT_VALUE_STAGES = 1
+DEFAULT_VALUE_GROUPS = 16
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_ITERATIONS = 20
@@ -352,6 +356,7 @@ def fit_layer(
     iterations: int,
     seed: int,
     device: str = "cpu",
+    value_groups: int = 1,
 ) -> LayerCodebooks:
     """Codebooks of one layer from its ``[M, D]`` keys and ``[M, Dv]`` values."""
     import torch
@@ -362,6 +367,7 @@ def fit_layer(
         fit_residual,
         rope_branches,
     )
+    from kvfold.attention_backends.vqkv.reference import value_groups as split_value
 
     def fit(x: torch.Tensor, stages: int, branch: int) -> torch.Tensor:
         return fit_residual(x.to(device), stages, iterations, seed=seed * 1009 + branch).cpu()
@@ -369,8 +375,8 @@ def fit_layer(
     head_size, head_size_v = keys.shape[-1], values.shape[-1]
     key = [ResidualCodebook(dims, fit(keys[:, dims], key_stages, b))
            for b, dims in enumerate(rope_branches(head_size))]
-    value_dims = torch.arange(head_size_v)
-    value = ResidualCodebook(value_dims, fit(values, value_stages, 2))
+    value = [ResidualCodebook(dims, fit(values[:, dims], value_stages, 2 + g))
+             for g, dims in enumerate(split_value(head_size_v, value_groups))]
     return LayerCodebooks(head_size, head_size_v, key, value)
 
 
@@ -460,6 +466,7 @@ def calibrate(
     *,
     key_stages: int = DEFAULT_KEY_STAGES,
     value_stages: int = DEFAULT_VALUE_STAGES,
+    value_groups: int = DEFAULT_VALUE_GROUPS,
     num_tokens: int = DEFAULT_TOKENS,
     seq_len: int = DEFAULT_SEQ_LEN,
     iterations: int = DEFAULT_ITERATIONS,
@@ -500,8 +507,11 @@ def calibrate(
         "seq_len": seq_len, "iterations": iterations, "max_samples": max_samples, "seed": seed,
         "dtype": dtype, "sink_positions": SINK_POSITIONS,
     }
+    if value_groups < 1 or shape["head_size_v"] % value_groups:
+        raise CalibrationError(f"--value-groups {value_groups} does not divide the value's "
+                               f"{shape['head_size_v']} dims")
     manifest = CodebookManifest(**shape, key_stages=key_stages, value_stages=value_stages,
-                                calibration=provenance)
+                                value_groups=value_groups, calibration=provenance)
     manifest = prepare_output(out, manifest)
     todo = [i for i in missing_layers(out, manifest) if i in wanted]
     if progress and len(todo) < len(wanted):
@@ -510,7 +520,8 @@ def calibrate(
                              max_samples, seed, progress)
     for index in tqdm(todo, desc="codebooks", unit="layer", disable=not progress):
         keys, values = load_samples(out, index)
-        books = fit_layer(keys, values, key_stages, value_stages, iterations, seed + index, device)
+        books = fit_layer(keys, values, key_stages, value_stages, iterations, seed + index, device,
+                          value_groups)
         save_layer(out, index, books)
         manifest = _with_errors(manifest, index, keys.shape[0], layer_errors(books, keys, values, device))
         write_manifest(out, manifest)
@@ -564,7 +575,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-stages", type=int, default=DEFAULT_KEY_STAGES,
                         help="residual stages per key RoPE branch (bytes per key: 2x this)")
     parser.add_argument("--value-stages", type=int, default=DEFAULT_VALUE_STAGES,
-                        help="residual stages of the value (bytes per value)")
+                        help="residual stages per value group (bytes per value: groups x this)")
+    parser.add_argument("--value-groups", type=int, default=DEFAULT_VALUE_GROUPS,
+                        help="contiguous groups of value dims, each with its own residual codebooks "
+                             "(1: the paper's; more: a faster decode kernel, some fidelity lost)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per sequence")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
@@ -584,6 +598,7 @@ def run_cli(ns: argparse.Namespace) -> CodebookManifest:
     try:
         manifest = calibrate(
             ns.model, out, key_stages=ns.key_stages, value_stages=ns.value_stages,
+            value_groups=ns.value_groups,
             num_tokens=ns.tokens, seq_len=ns.seq_len, iterations=ns.iterations,
             max_samples=ns.max_samples, texts=ns.text, device=ns.device, dtype=ns.dtype, seed=ns.seed,
         )

@@ -35,14 +35,17 @@ class CodebookManifest(BaseModel):
     head_size_v: int = Field(gt=0)
     codebook_size: int = CODEBOOK_SIZE
     key_stages: int = Field(gt=0, description="residual stages per key branch")
-    value_stages: int = Field(gt=0)
+    value_stages: int = Field(gt=0, description="residual stages per value group")
+    # Contiguous equal groups of value dims, each its own residual codebook (reference.value_groups).
+    # 1 is the paper's whole-value codebook; files written before groups existed load as 1.
+    value_groups: int = Field(1, gt=0)
     keys: str = "post-rope"  # vLLM hands the backend rotated keys; the codebooks must match
     #: Provenance, free-form: model path, calibration text, token count, iterations.
     calibration: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def num_codes(self) -> int:
-        return 2 * self.key_stages + self.value_stages
+        return 2 * self.key_stages + self.value_groups * self.value_stages
 
 
 def layer_file(directory: Path, index: int) -> Path:
@@ -52,11 +55,11 @@ def layer_file(directory: Path, index: int) -> Path:
 def save_layer(directory: Path, index: int, books: LayerCodebooks) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"value.codewords": books.value.codewords.float().contiguous()}
-    tensors["value.dims"] = books.value.dims.long()
-    for b, branch in enumerate(books.key):
-        tensors[f"key.{b}.codewords"] = branch.codewords.float().contiguous()
-        tensors[f"key.{b}.dims"] = branch.dims.long()
+    tensors = {}
+    for name, books_of in (("key", books.key), ("value", books.value)):
+        for b, book in enumerate(books_of):
+            tensors[f"{name}.{b}.codewords"] = book.codewords.float().contiguous()
+            tensors[f"{name}.{b}.dims"] = book.dims.long()
     partial = layer_file(directory, index).with_suffix(".partial")
     save_file(tensors, partial)
     partial.replace(layer_file(directory, index))  # a killed run never leaves a half-written layer
@@ -89,12 +92,18 @@ def load_layer(directory: str | Path, index: int, manifest: CodebookManifest) ->
     from safetensors.torch import load_file
 
     tensors = load_file(layer_file(Path(directory), index))
-    key = [
-        ResidualCodebook(tensors[f"key.{b}.dims"], tensors[f"key.{b}.codewords"]) for b in range(2)
-    ]
-    value = ResidualCodebook(tensors["value.dims"], tensors["value.codewords"])
-    books = LayerCodebooks(manifest.head_size, manifest.head_size_v, key, value)
-    expected = (manifest.key_stages, manifest.value_stages)
-    if (key[0].stages, value.stages) != expected or key[1].stages != manifest.key_stages:
-        raise ValueError(f"{layer_file(Path(directory), index)}: stages differ from {MANIFEST}")
-    return books
+    def books(name: str, count: int) -> list[ResidualCodebook]:
+        return [ResidualCodebook(tensors[f"{name}.{b}.dims"], tensors[f"{name}.{b}.codewords"])
+                for b in range(count)]
+
+    key = books("key", 2)
+    if "value.codewords" in tensors:  # written before value groups existed: one group
+        value = [ResidualCodebook(tensors["value.dims"], tensors["value.codewords"])]
+    else:
+        value = books("value", manifest.value_groups)
+    stages = [b.stages for b in key] + [b.stages for b in value]
+    expected = [manifest.key_stages] * 2 + [manifest.value_stages] * manifest.value_groups
+    if stages != expected:
+        raise ValueError(f"{layer_file(Path(directory), index)}: stages {stages} differ from "
+                         f"{MANIFEST}'s {expected}")
+    return LayerCodebooks(manifest.head_size, manifest.head_size_v, key, value)

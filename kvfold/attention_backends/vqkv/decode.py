@@ -1,15 +1,18 @@
-"""A decode step of all decoding requests at once: codes through the kernel, exact tokens in torch.
+"""A decode step of all decoding requests at once: the codes and the exact tokens.
 
-The kernel attends each request's coded middle ``[min(sink, n), max(n - recent, ...))`` and returns
-its log-sum-exp; the exact tokens (sink, recent ring, the new token: at most ``sink + recent + 1``
-per request) are gathered and attended here, and the two softmaxes are merged. No host syncs.
+The kernel attends each request's coded middle ``[min(sink, n), max(n - recent, ...))``; the exact
+tokens (sink, recent ring, the new token: at most ``sink + recent + 1`` per request) are one more
+split of it where Triton runs (``ring.py``). Elsewhere (the specification, and caches whose bytes
+the ring kernel cannot read as elements) the coded kernel returns its log-sum-exp, the exact tokens
+are gathered and attended here, and the two softmaxes are merged. No host syncs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvfold.attention_backends.vqkv.kernels import decode_attention
+from kvfold.attention_backends.vqkv import ring
+from kvfold.attention_backends.vqkv.kernels import RingInputs, decode_attention, triton_enabled
 from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks
 
@@ -45,6 +48,10 @@ def decode_step(
     computed = seq_lens - 1
     starts = computed.clamp(max=layout.sink)
     ends = torch.maximum(computed - layout.recent, starts)
+    if triton_enabled(query.device) and ring.usable(query, cache, layout):
+        out, _ = decode_attention(query, cache, rows, layout.reserved_blocks, starts, ends, books, scale,
+                                  longest=longest, ring=RingInputs(key, value, seq_lens, layout))
+        return out
     coded_out, coded_lse = decode_attention(
         query, cache, rows, layout.reserved_blocks, starts, ends, books, scale, longest=longest
     )

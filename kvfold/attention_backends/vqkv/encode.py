@@ -4,7 +4,7 @@
 gather and subtraction: with the default 8 + 8 key and 16 value stages that is about 200 kernel
 launches per layer and step, which made the host, not the GPU, the limit of every VQKV step in
 eager mode. Here one program takes ``BLOCK_M`` (token, KV head) rows of one codebook (a key branch
-or the value), keeps their residual in registers and runs all the stages: distances to the 256
+or a value group), keeps their residual in registers and runs all the stages: distances to the 256
 codewords in tiles of ``BLOCK_S`` (``||c||^2 - 2 r.c``, the specification's formula, float32 IEEE
 dots), the first index of the minimum, then the residual minus the chosen codeword.
 
@@ -38,6 +38,13 @@ def _encode_residual(
     STAGES: tl.constexpr, DB: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
     BOOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,  # noqa: N803
 ):
+    # Axis 1: one of several codebooks of the same shape (the key branches, the value groups),
+    # stacked, whose codes follow each other.
+    b = tl.program_id(1)
+    Dims += b * DB
+    Book += b * STAGES * BOOK * DB
+    Norms += b * STAGES * BOOK
+    code_offset += b * STAGES
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_r = rows < num_rows
     token = (rows // num_heads).to(tl.int64)
@@ -79,20 +86,36 @@ def _kernel() -> Any:
     return _jitted[interpret]
 
 
-def _prepared(book: ResidualCodebook, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dims int32, codewords float32 ``[stages, 256, len(dims)]`` contiguous, their squared norms)."""
-    words = _once((book.codewords,), device, torch.float32,
-                  lambda: book.codewords.to(device, torch.float32).contiguous())
-    norms = _once((book.codewords,), device, torch.float64,  # (dtype only keys the cache entry)
+def _prepared(books: list[ResidualCodebook], device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same-shape codebooks stacked: (dims int32 ``[n, d]``, codewords float32 ``[n, stages, 256, d]``,
+    their squared norms ``[n, stages, 256]``), all contiguous."""
+    sources = tuple(b.codewords for b in books)
+    words = _once(sources, device, torch.float32,
+                  lambda: torch.stack([w.to(device, torch.float32) for w in sources]).contiguous())
+    norms = _once(sources, device, torch.float64,  # (dtype only keys the cache entry)
                   lambda: (words * words).sum(-1).contiguous())
-    dims = _once((book.dims,), device, torch.int32, lambda: book.dims.to(device, torch.int32).contiguous())
+    dim_sources = tuple(b.dims for b in books)
+    dims = _once(dim_sources, device, torch.int32,
+                 lambda: torch.stack([d.to(device, torch.int32) for d in dim_sources]).contiguous())
     return dims, words, norms
+
+
+def _same_shape_runs(books: list[ResidualCodebook]) -> list[list[ResidualCodebook]]:
+    """Consecutive codebooks of equal stage count and width, one launch each."""
+    runs: list[list[ResidualCodebook]] = []
+    for book in books:
+        if runs and (runs[-1][0].stages, runs[-1][0].dims.numel()) == (book.stages, book.dims.numel()):
+            runs[-1].append(book)
+        else:
+            runs.append([book])
+    return runs
 
 
 def encode_triton(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks) -> torch.Tensor:
     """``books.encode(key, value)`` by the Triton kernel: ``[T, H, D]``, ``[T, H, Dv]`` (strided
     views are fine) -> ``[T, H, num_codes]`` uint8."""
-    if books.value.codewords.shape[1] != CODEBOOK_SIZE:
+    if any(b.codewords.shape[1] != CODEBOOK_SIZE for b in books.key + books.value):
         raise ValueError(f"VQKV's encode kernel needs {CODEBOOK_SIZE}-entry codebooks")
     num_tokens, num_heads = key.shape[:2]
     codes = torch.empty(num_tokens, num_heads, books.num_codes, dtype=torch.uint8, device=key.device)
@@ -100,20 +123,21 @@ def encode_triton(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks)
     if num_rows == 0:
         return codes
     offset = 0
-    for source, book in [(key, b) for b in books.key] + [(value, books.value)]:
+    block_m = SMALL_BLOCK_M if num_rows <= SMALL_ROWS else BLOCK_M
+    for source, run in [(key, r) for r in _same_shape_runs(books.key)] + \
+                       [(value, r) for r in _same_shape_runs(books.value)]:
         if source.stride(-1) != 1:
             source = source.contiguous()
-        dims, words, norms = _prepared(book, key.device)
-        width = dims.numel()
-        block_m = SMALL_BLOCK_M if num_rows <= SMALL_ROWS else BLOCK_M
-        _kernel()[(-(-num_rows // block_m),)](
+        dims, words, norms = _prepared(run, key.device)
+        stages, width = run[0].stages, dims.shape[1]
+        _kernel()[(-(-num_rows // block_m), len(run))](
             source, dims, words, norms, codes,
             num_rows, num_heads, offset,
             source.stride(0), source.stride(1), codes.stride(0), codes.stride(1),
-            STAGES=book.stages, DB=width, BLOCK_D=max(16, _pow2(width)),
+            STAGES=stages, DB=width, BLOCK_D=max(16, _pow2(width)),
             BOOK=CODEBOOK_SIZE, BLOCK_M=block_m, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS,
         )
-        offset += book.stages
+        offset += stages * len(run)
     return codes
 
 

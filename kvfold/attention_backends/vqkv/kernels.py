@@ -8,7 +8,9 @@ value's; ``reference.LayerCodebooks``). Two facts make attention over codes chea
   token's score into ``key_codes`` gathers and adds. It is exact for the rotated keys vLLM hands
   the backend, since the codebooks quantize post-RoPE keys;
 * values: a tile's values are rebuilt in registers as the sum of the value stages' codeword rows,
-  gathered from the layer's value codebook (``[stages, 256, Dv]``, L2-resident).
+  gathered from the layer's value codebooks (``[groups * stages, 256, Dv / groups]``, L2-resident).
+  With ``groups`` value groups each element of a value is the sum of only ``stages`` codewords'
+  elements, so a rebuild reads ``groups`` times fewer codebook elements for the same code bytes.
 
 :func:`decode_attention_torch` is the specification (gather, ``books.decode``, softmax);
 :func:`decode_attention` runs the Triton kernel on CUDA, and on CPU under ``TRITON_INTERPRET=1``.
@@ -17,31 +19,46 @@ head's whole query group at once (padded to 16 rows for ``tl.dot``) with an onli
 writes its partial ``(acc, max, sum)``; a second small kernel merges the splits into the output
 and its log-sum-exp, which the caller uses to merge the exact sink/recent tokens.
 
-Cost: rebuilding values reads ``value_stages * Dv`` codebook elements from L2 per token and KV
-head (4 KiB at 16 stages, Dv 128, bf16), 8x the bytes dense bf16 K/V reads from HBM. On an H100
-the kernel runs at about 5 TB/s of such L2 reads, so with the default 8/16 stages it is ~4-6x
-slower than dense bf16 decode attention (torch SDPA) at batch >= 16, and on par or faster at batch 1
-(where dense attention does not fill the GPU): it saves memory, not time.
+Cost: rebuilding values reads ``stages * Dv`` codebook elements from L2 per token and KV head
+(4 KiB at one group of 16 stages, Dv 128, bf16), 8x the bytes dense bf16 K/V reads from HBM. On an
+H100 the kernel runs at about 5 TB/s of such L2 reads, so with one value group it is ~4-6x slower
+than dense bf16 decode attention (torch SDPA) at batch >= 16; more value groups cut those reads
+(``docs/vqkv.md`` has the measurements).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton.language as tl
 
+from kvfold.attention_backends.vqkv.pages import PageLayout
 from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodebooks
+from kvfold.attention_backends.vqkv import ring as exact_ring
 
-# Positions per tile and warps per program, from a sweep on an H100 (Llama-3-8B and SmolLM2 shapes,
-# batch 1 to 64, 4k to 32k positions; 32/64/128/256 x 4/8 warps): 128 x 4 was fastest in 5 of 6
-# shapes (32 x 8 was 21% faster at batch 16 x 32k). The tile's rebuilt values are [BLOCK_N, Dv]
-# float32 in registers, so wider heads get shorter tiles.
+# Positions per tile and warps per program, from sweeps on an H100 (8B shape, 32k positions, value
+# groups of 8 dims, heads-inner tables): 128 x 4 fastest at 32 and 64 requests (8 warps 7% slower);
+# 64-position tiles 14% faster at 16 requests (more programs per request) but 8% slower at 64. The
+# tile's rebuilt values are [BLOCK_N, Dv] float32 in registers, so wider heads get shorter tiles.
 BLOCK_N = 128
+SMALL_BATCH_BLOCK_N, SMALL_BATCH = 64, 128  # when requests x KV heads <= SMALL_BATCH
 NUM_WARPS = 4
 # Enough programs to fill an H100's 132 SMs about twice at small batch.
 TARGET_PROGRAMS = 264
+# Value groups > 1 (powers of two filling the head): a tile's values are gathered as
+# [BLOCK_N, groups, dims per group], one code per (token, group) and each codeword row a contiguous,
+# vectorized load, rather than one code and one element per (token, dim).
+VECTOR_GATHER = True
+# Scores are gathered for the group's real query heads only (rows padded to a power of two) and then
+# widened to the BLOCK_G >= 16 rows tl.dot needs, rather than gathered for all BLOCK_G rows masked.
+EXACT_KEY_ROWS = True
+# The lookup tables laid out [R, Hk, key_codes, 256, query heads of the group] (heads padded to a
+# power of two): a token's entries for the whole group are one contiguous, vectorized load per code.
+# Needs EXACT_KEY_ROWS.
+HEADS_INNER = True
 LOG2E = 1.4426950408889634
 
 
@@ -115,6 +132,8 @@ def _decode_split(
     stride_mr, stride_mh,
     PAGE: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,  # noqa: N803
     KC: tl.constexpr, VS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
+    VG: tl.constexpr, DG: tl.constexpr, VECTOR: tl.constexpr, GP: tl.constexpr,  # noqa: N803
+    HEADS_INNER: tl.constexpr,  # noqa: N803
     BOOK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,  # noqa: N803
     UPCAST: tl.constexpr,  # noqa: N803
 ):
@@ -145,10 +164,37 @@ def _decode_split(
         cells = head_cells + block * stride_cb + (offs_n % PAGE) * stride_cs  # [BLOCK_N] uint8*
         # The tile's cells come from HBM once (BLOCK_N * num_codes bytes); the per-code column
         # reads below hit L1, which is cheaper than extracting columns from a register tile.
-        qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
-        for j in range(KC):
-            code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
-            qk += tl.load(tab_rows + j * BOOK + code[None, :], mask=mask_g[:, None], other=0.0)
+        if HEADS_INNER:  # [BLOCK_N, GP] per code (padded heads' entries are 0), then widened
+            offs_p = tl.arange(0, GP)
+            group_tables = Tables + r * stride_tr + h * stride_th
+            qk_t = tl.full([BLOCK_N, GP], 0.0, tl.float32)
+            for j in range(KC):
+                code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
+                qk_t += tl.load(group_tables + (j * BOOK + code[:, None]) * GP + offs_p[None, :])
+            qk_p = tl.trans(qk_t)
+            if GP < BLOCK_G:
+                qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
+                for i in tl.static_range(GP):
+                    head_scores = tl.sum(tl.where(offs_p[:, None] == i, qk_p, 0.0), 0)
+                    qk = tl.where(offs_g[:, None] == i, head_scores[None, :], qk)
+            else:
+                qk = qk_p
+        elif GP < BLOCK_G:  # gather GP rows, then widen: padded rows stay 0 as masked loads give
+            offs_p = tl.arange(0, GP)
+            rows_p = Tables + r * stride_tr + (h * G + offs_p)[:, None] * stride_th
+            qk_p = tl.full([GP, BLOCK_N], 0.0, tl.float32)
+            for j in range(KC):
+                code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
+                qk_p += tl.load(rows_p + j * BOOK + code[None, :], mask=(offs_p < G)[:, None], other=0.0)
+            qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
+            for i in tl.static_range(GP):
+                head_scores = tl.sum(tl.where(offs_p[:, None] == i, qk_p, 0.0), 0)
+                qk = tl.where(offs_g[:, None] == i, head_scores[None, :], qk)
+        else:
+            qk = tl.full([BLOCK_G, BLOCK_N], 0.0, tl.float32)
+            for j in range(KC):
+                code = tl.load(cells + j * stride_cc, mask=mask_n, other=0).to(tl.int32)
+                qk += tl.load(tab_rows + j * BOOK + code[None, :], mask=mask_g[:, None], other=0.0)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -157,12 +203,32 @@ def _decode_split(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         # Values of the tile, dequantized in registers: the sum of the stages' codeword rows
-        # (rows past the range read codeword 0 and get p = 0).
+        # (rows past the range read codeword 0 and get p = 0). Value code (group g, stage s) is
+        # column KC + g * VS + s of a cell; its codewords are VBook rows (g * VS + s) * BOOK + code.
         values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
-        for s in range(VS):
-            code = tl.load(cells + (KC + s) * stride_cc, mask=mask_n, other=0).to(tl.int32)
-            rows = VBook + (s * BOOK + code[:, None]) * DV + offs_dv[None, :]
-            values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
+        if VG == 1:
+            for s in range(VS):
+                code = tl.load(cells + (KC + s) * stride_cc, mask=mask_n, other=0).to(tl.int32)
+                rows = VBook + (s * BOOK + code[:, None]) * DV + offs_dv[None, :]
+                values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
+        elif VECTOR:  # VG * DG == BLOCK_DV == DV, powers of two
+            offs_vg = tl.arange(0, VG)
+            offs_dg = tl.arange(0, DG)
+            parts = tl.full([BLOCK_N, VG, DG], 0.0, tl.float32)
+            for s in range(VS):
+                codes = tl.load(cells[:, None] + (KC + offs_vg[None, :] * VS + s) * stride_cc,
+                                mask=mask_n[:, None], other=0).to(tl.int32)  # [BLOCK_N, VG]
+                firsts = ((offs_vg[None, :] * VS + s) * BOOK + codes) * DG
+                parts += tl.load(VBook + firsts[:, :, None] + offs_dg[None, None, :]).to(tl.float32)
+            values = tl.reshape(parts, [BLOCK_N, BLOCK_DV])
+        else:
+            group = offs_dv // DG
+            within = offs_dv % DG
+            for s in range(VS):
+                code = tl.load(cells[:, None] + (KC + group[None, :] * VS + s) * stride_cc,
+                               mask=mask_n[:, None] & mask_dv[None, :], other=0).to(tl.int32)
+                rows = VBook + ((group[None, :] * VS + s) * BOOK + code) * DG + within[None, :]
+                values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
         if UPCAST:
             pv = tl.dot(p, values, input_precision=PRECISION)
         else:  # the codebook's dtype: float32 (IEEE dot) or the model's 16-bit type (tensor cores)
@@ -214,6 +280,17 @@ def _merge_splits(
     tl.store(Out + r * stride_or + hq * stride_oh + offs_dv, out, mask=mask_dv)
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
     tl.store(Lse + r * stride_lr + hq, lse)
+
+
+@dataclass(frozen=True)
+class RingInputs:
+    """What the exact-token split needs: the step's own ``key``/``value [R, Hk, D]``, the requests'
+    ``seq_lens`` (including that token) and the page layout."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    seq_lens: torch.Tensor
+    layout: PageLayout
 
 
 _jitted: dict[bool, Any] = {}
@@ -271,25 +348,46 @@ def key_codebook_matrix(books: LayerCodebooks, device: torch.device) -> torch.Te
     return _once(sources, device, torch.float32, make)
 
 
+def value_layout(books: LayerCodebooks) -> tuple[int, int, int, torch.Tensor]:
+    """``(groups, stages per group, dims per group, dims)``: the kernel's value codebooks, with
+    ``dims`` the value dims in the order of the kernel's output columns (the groups' dims in turn)."""
+    groups = books.value
+    stages, width = groups[0].stages, groups[0].dims.numel()
+    if any(g.stages != stages or g.dims.numel() != width for g in groups):
+        raise ValueError("VQKV's kernel needs value groups of equal width and stage count, got "
+                         f"{[(g.dims.numel(), g.stages) for g in groups]}")
+    return len(groups), stages, width, torch.cat([g.dims for g in groups])
+
+
 def value_codebook(books: LayerCodebooks, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The value codewords ``[stages, 256, Dv]`` as the kernel reads them, converted once per layer.
+    """The value codewords ``[groups * stages, 256, Dv / groups]`` as the kernel reads them (group
+    ``g``'s stage ``s`` at row ``g * stages + s``), converted once per layer.
 
     float32 for a float32 model; the model's 16-bit type otherwise: the tile's ``p @ V`` runs on
     tensor cores in that type, so the rebuilt values are rounded to it anyway, and 16-bit codewords
     halve the L2 traffic of the gathers, the kernel's largest (the stage sum stays float32).
     """
-    source = books.value.codewords
-
-    def make() -> torch.Tensor:  # columns in dim order, whatever order the codebook lists them in
-        book = torch.zeros(*source.shape[:2], books.head_size_v, device=device, dtype=dtype)
-        book[..., books.value.dims.to(device)] = source.to(device, dtype)
-        return book
-
-    return _once((source, books.value.dims), device, dtype, make)
+    sources = tuple(g.codewords for g in books.value)
+    return _once(sources, device, dtype, lambda: torch.cat(sources).to(device, dtype).contiguous())
 
 
-def block_n_for(head_size_v: int) -> int:
-    return min(BLOCK_N, max(16, 16384 // _pow2(head_size_v)))
+def _output_order(books: LayerCodebooks, device: torch.device) -> torch.Tensor | None:
+    """Where the kernel's output columns go, or None when they already are in dim order (the
+    groups ``kvfold calibrate`` writes). Decided once per layer (a host read of the dims), so a
+    CUDA-graph capture after the first eager step does not sync."""
+
+    def make() -> torch.Tensor:
+        dims = value_layout(books)[3].cpu()
+        ordered = torch.equal(dims, torch.arange(books.head_size_v))
+        return dims[:0].to(device) if ordered else dims.to(device)
+
+    order = _once(tuple(g.dims for g in books.value), device, torch.int64, make)
+    return order if order.numel() else None
+
+
+def block_n_for(head_size_v: int, num_reqs: int = 1 << 30, num_kv_heads: int = 1) -> int:
+    tile = SMALL_BATCH_BLOCK_N if num_reqs * num_kv_heads <= SMALL_BATCH else BLOCK_N
+    return min(tile, max(16, 16384 // _pow2(head_size_v)))
 
 
 def num_splits_for(num_reqs: int, num_kv_heads: int, longest: int, block_n: int = BLOCK_N) -> tuple[int, int]:
@@ -312,11 +410,14 @@ def decode_attention(
     *,
     longest: int | None = None,
     num_splits: int | None = None,
+    ring: RingInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_attention_torch`, computed by the Triton kernel where Triton runs.
 
     ``longest`` (the largest ``ends - starts``, if the caller knows it on the host) saves a device
-    sync; ``num_splits`` caps the split count chosen from it (splits are whole tiles).
+    sync; ``num_splits`` caps the split count chosen from it (splits are whole tiles). With
+    ``ring``, the requests' exact tokens (``ring.ring_attention``) are one more split, so the
+    result is the attention over the codes and the exact tokens together.
     """
     if not triton_enabled(query.device):
         return decode_attention_torch(query, cache, block_table, reserved_blocks, starts, ends, books, scale)
@@ -327,8 +428,9 @@ def decode_attention(
                          f"{cache.dtype} {tuple(cache.shape)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
-    if books.value.codewords.shape[1] != CODEBOOK_SIZE:
+    if any(g.codewords.shape[1] != CODEBOOK_SIZE for g in books.value):
         raise ValueError(f"VQKV's kernel needs {CODEBOOK_SIZE}-entry codebooks")
+    groups, stages, width, _ = value_layout(books)
     group = num_heads // num_kv_heads
     head_size_v = books.head_size_v
     dev = query.device
@@ -336,11 +438,13 @@ def decode_attention(
     ends = ends.to(dev, torch.int32)
     if longest is None:
         longest = int((ends - starts).max()) if num_reqs else 0
-    if num_reqs == 0 or longest <= 0:
+    if num_reqs == 0 or (longest <= 0 and ring is None):
         empty = torch.full((num_reqs, num_heads), float("-inf"), device=dev)
         return torch.zeros(num_reqs, num_heads, head_size_v, device=dev), empty
-    block_n = block_n_for(head_size_v)
-    if num_splits is None:
+    block_n = block_n_for(head_size_v, num_reqs, num_kv_heads)
+    if longest <= 0:
+        splits, chunk = 0, block_n
+    elif num_splits is None:
         splits, chunk = num_splits_for(num_reqs, num_kv_heads, longest, block_n)
     else:
         chunk = -(-longest // max(1, num_splits))
@@ -350,6 +454,12 @@ def decode_attention(
     # scale * log2(e) folded into the tables: the kernel's softmax runs in base 2.
     scaled = query.reshape(num_reqs * num_heads, -1).float() * (scale * LOG2E)
     tables = (scaled @ key_codebook_matrix(books, dev)).view(num_reqs, num_heads, books.key_codes, -1)
+    rows_p = _pow2(group) if EXACT_KEY_ROWS else max(16, _pow2(group))
+    heads_inner = HEADS_INNER and EXACT_KEY_ROWS
+    if heads_inner:  # [R, Hk, key_codes * 256, rows_p], padded heads 0
+        grouped = tables.view(num_reqs, num_kv_heads, group, -1).transpose(-1, -2)
+        tables = torch.zeros(*grouped.shape[:-1], rows_p, device=dev)
+        tables[..., :group] = grouped
     book_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
     vbook = value_codebook(books, dev, book_dtype)
     block_table = block_table.to(dev, torch.int32)
@@ -357,10 +467,13 @@ def decode_attention(
         block_table = block_table.contiguous()
     block_g = max(16, _pow2(group))
     block_dv = max(16, _pow2(head_size_v))
+    vector = VECTOR_GATHER and groups > 1 and groups * width == block_dv == head_size_v \
+        and _pow2(groups) == groups
     out = torch.empty(num_reqs, num_heads, head_size_v, device=dev)  # every element is written
     lse = torch.empty(num_reqs, num_heads, device=dev)
-    out_part = torch.empty(num_reqs, num_heads, splits, head_size_v, device=dev)
-    m_part = torch.empty(num_reqs, num_heads, splits, device=dev)
+    total_splits = splits + (exact_ring.RING_SPLITS if ring is not None else 0)
+    out_part = torch.empty(num_reqs, num_heads, total_splits, head_size_v, device=dev)
+    m_part = torch.empty(num_reqs, num_heads, total_splits, device=dev)
     l_part = torch.empty_like(m_part)
     precision = "ieee" if book_dtype == torch.float32 else "tf32"  # (tf32 is unused for 16-bit dots)
     # Triton's interpreter multiplies 16-bit floats wrongly (a bf16 dot is off by 1e10); it computes
@@ -368,27 +481,38 @@ def decode_attention(
     upcast = not query.is_cuda
 
     split_kernel, merge_kernel = _kernels()
-    split_kernel[(num_reqs, num_kv_heads, splits)](
-        tables, cache, block_table, starts, ends, vbook,
-        out_part, m_part, l_part,
-        chunk, int(reserved_blocks),
-        tables.stride(0), tables.stride(1),
-        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
-        block_table.stride(0),
-        out_part.stride(0), out_part.stride(1), out_part.stride(2),
-        m_part.stride(0), m_part.stride(1),
-        PAGE=block_size, G=group, BLOCK_G=block_g, KC=books.key_codes, VS=books.value.stages,
-        DV=head_size_v, BLOCK_DV=block_dv, BOOK=CODEBOOK_SIZE, BLOCK_N=block_n,
-        PRECISION=precision, UPCAST=upcast, num_warps=NUM_WARPS,
-    )
+    order = _output_order(books, dev)
+    if ring is not None:
+        exact_ring.ring_attention(query, ring.key, ring.value, cache, block_table, ring.seq_lens, ring.layout, scale,
+                       out_part, m_part, l_part, splits)
+        if order is not None:  # into the coded splits' column order (value groups' dims in turn)
+            out_part[:, :, splits:] = out_part[:, :, splits:].index_select(-1, order)
+    if splits:
+        split_kernel[(num_reqs, num_kv_heads, splits)](
+            tables, cache, block_table, starts, ends, vbook,
+            out_part, m_part, l_part,
+            chunk, int(reserved_blocks),
+            tables.stride(0), tables.stride(1),
+            cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+            block_table.stride(0),
+            out_part.stride(0), out_part.stride(1), out_part.stride(2),
+            m_part.stride(0), m_part.stride(1),
+            PAGE=block_size, G=group, BLOCK_G=block_g, KC=books.key_codes, VS=stages,
+            DV=head_size_v, BLOCK_DV=block_dv, VG=groups, DG=width, VECTOR=vector, GP=rows_p,
+                HEADS_INNER=heads_inner,
+            BOOK=CODEBOOK_SIZE, BLOCK_N=block_n,
+            PRECISION=precision, UPCAST=upcast, num_warps=NUM_WARPS,
+        )
     merge_kernel[(num_reqs, num_heads)](
         out_part, m_part, l_part, out, lse,
-        splits,
+        total_splits,
         out_part.stride(0), out_part.stride(1), out_part.stride(2),
         m_part.stride(0), m_part.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0),
-        DV=head_size_v, BLOCK_DV=block_dv, BLOCK_S=max(16, _pow2(splits)), CHUNK_S=16,
+        DV=head_size_v, BLOCK_DV=block_dv, BLOCK_S=max(16, _pow2(total_splits)), CHUNK_S=16,
     )
+    if order is not None:
+        out = torch.empty_like(out).index_copy_(-1, order, out)
     return out, lse
 

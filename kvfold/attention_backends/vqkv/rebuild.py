@@ -18,15 +18,20 @@ from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodeboo
 
 
 def value_table(books: LayerCodebooks, device: torch.device) -> torch.Tensor:
-    """``[value_codes * 256, Dv]`` float32: row ``j * 256 + s`` is value codeword ``s`` of stage ``j``."""
-    value = books.value
+    """``[value_codes * 256, Dv]`` float32: row ``j * 256 + s`` is codeword ``s`` of value code ``j``
+    (the groups' stages in order), zero outside its group's dims."""
 
     def make() -> torch.Tensor:
-        table = torch.zeros(value.stages, CODEBOOK_SIZE, books.head_size_v, device=device)
-        table[..., value.dims.to(device)] = value.codewords.to(device, torch.float32)
+        table = torch.zeros(books.value_codes, CODEBOOK_SIZE, books.head_size_v, device=device)
+        start = 0
+        for group in books.value:
+            rows = table[start : start + group.stages]
+            rows[..., group.dims.to(device)] = group.codewords.to(device, torch.float32)
+            start += group.stages
         return table.view(-1, books.head_size_v)
 
-    return _once((value.codewords, value.dims), device, torch.float32, make)
+    sources = tuple(b.codewords for b in books.value) + tuple(b.dims for b in books.value)
+    return _once(sources, device, torch.float32, make)
 
 
 def key_table(books: LayerCodebooks, device: torch.device) -> torch.Tensor:

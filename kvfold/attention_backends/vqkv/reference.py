@@ -5,9 +5,13 @@ Every cached token of every KV head is stored as one-byte indices into small cod
 * the key is split into two RoPE frequency branches (the rotary pairs of the highest frequencies,
   and the rest), because the two halves have very different statistics after rotation: the paper's
   "periodic reconstruction error in key dimensions" comes from mixing them in one codebook;
-* each branch, and the whole value, is quantized by ``stages`` residual codebooks of
+* each key branch, and each group of value dims, is quantized by ``stages`` residual codebooks of
   ``CODEBOOK_SIZE`` entries: stage ``j`` picks the codeword nearest to what stages ``< j`` left over,
-  and the reconstruction is the sum of the picked codewords.
+  and the reconstruction is the sum of the picked codewords. The paper quantizes the whole value
+  with one residual codebook (one group); more groups of fewer stages each (product quantization of
+  residual codes, the same bytes) make a value's rebuild read ``groups`` times fewer codebook
+  elements, which is what bounds the decode kernel (``kernels.py``), at some cost in fidelity
+  (``docs/vqkv.md``).
 
 What a query sees (:func:`vqkv_attention`): in a step that computes positions ``[s, e)`` the first
 ``sink`` tokens, the ``recent`` tokens before ``s`` and the step's own tokens are exact; every other
@@ -70,38 +74,64 @@ class ResidualCodebook:
         return out
 
 
+def value_groups(head_size_v: int, groups: int) -> list[torch.Tensor]:
+    """Dims of ``groups`` equal, contiguous groups of a value of ``head_size_v`` dims."""
+    if groups < 1 or head_size_v % groups:
+        raise ValueError(f"a value of {head_size_v} dims cannot be split into {groups} equal groups")
+    return list(torch.arange(head_size_v).view(groups, -1))
+
+
+def _decode_into(out: torch.Tensor, books: list[ResidualCodebook], codes: torch.Tensor) -> int:
+    """Adds each book's reconstruction of its codes (consecutive columns of ``codes``) into its dims
+    of ``out``; returns the number of codes read."""
+    start = 0
+    for book in books:
+        out[..., book.dims.to(codes.device)] = book.decode(codes[..., start : start + book.stages])
+        start += book.stages
+    return start
+
+
 @dataclass
 class LayerCodebooks:
-    """One attention layer's codebooks (shared by its KV heads): key branches, then the value."""
+    """One attention layer's codebooks (shared by its KV heads): key branches, then value groups.
+
+    ``value`` is a list of residual codebooks over disjoint dims (one, the whole value, is the
+    paper's scheme); a single :class:`ResidualCodebook` is taken as that one group."""
 
     head_size: int
     head_size_v: int
     key: list[ResidualCodebook]
-    value: ResidualCodebook
+    value: list[ResidualCodebook]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, ResidualCodebook):
+            self.value = [self.value]
 
     @property
     def key_codes(self) -> int:
         return sum(b.stages for b in self.key)
 
     @property
+    def value_codes(self) -> int:
+        return sum(b.stages for b in self.value)
+
+    @property
     def num_codes(self) -> int:
         """Bytes per token and KV head in the cache: one byte per index."""
-        return self.key_codes + self.value.stages
+        return self.key_codes + self.value_codes
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``[..., D]``, ``[..., Dv]`` -> ``[..., num_codes]`` uint8 (key branches, then value)."""
-        parts = [b.encode(key) for b in self.key] + [self.value.encode(value)]
+        """``[..., D]``, ``[..., Dv]`` -> ``[..., num_codes]`` uint8 (key branches, then value groups)."""
+        parts = [b.encode(key) for b in self.key] + [b.encode(value) for b in self.value]
         return torch.cat(parts, -1).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[..., num_codes]`` -> float32 ``(key [..., D], value [..., Dv])``."""
         key = torch.zeros(*codes.shape[:-1], self.head_size, device=codes.device)
-        start = 0
-        for branch in self.key:
-            part = codes[..., start : start + branch.stages]
-            key[..., branch.dims.to(codes.device)] = branch.decode(part)
-            start += branch.stages
-        return key, self.value.decode(codes[..., start:])
+        value = torch.zeros(*codes.shape[:-1], self.head_size_v, device=codes.device)
+        start = _decode_into(key, self.key, codes)
+        _decode_into(value, self.value, codes[..., start:])
+        return key, value
 
     def reconstruct(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache gives back for exact ``key``/``value``: decode(encode(.))."""
