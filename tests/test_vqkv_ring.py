@@ -51,33 +51,53 @@ def make_step(dtype: torch.dtype, head_size: int, kv_heads: int, group: int, gro
     return query, key, value, cache, rows, seq_lens, layout, books
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize(("dtype", "head_size", "kv_heads", "group", "groups"),
-                         [(torch.float32, 64, 3, 3, 1), (torch.bfloat16, 128, 2, 4, 16),
-                          (torch.float32, 64, 1, 8, 4)])
-def test_ring_split_equals_the_torch_step(dtype, head_size, kv_heads, group, groups,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    args = make_step(dtype, head_size, kv_heads, group, groups)
-    assert ring.usable(args[0], args[3], args[6])
-    scale = head_size**-0.5
-    got = vq_decode.decode_step(*args, scale)
-    monkeypatch.setattr(ring, "usable", lambda *a: False)
-    want = vq_decode.decode_step(*args, scale)
+# (dtype, head size, KV heads, query group, value groups)
+CASES = [(torch.float32, 64, 3, 3, 1), (torch.bfloat16, 128, 2, 4, 16), (torch.float32, 64, 1, 8, 4)]
+
+
+def torch_step(*args, **kwargs) -> torch.Tensor:
+    """The decode step with the exact tokens gathered and attended in torch (the specification)."""
+    usable = ring.usable
+    ring.usable = lambda *a: False
+    try:
+        return vq_decode.decode_step(*args, **kwargs)
+    finally:
+        ring.usable = usable
+
+
+def check_case(case: tuple, device: str) -> float:
+    """The Triton step against the torch step on ``device``; returns the largest difference."""
+    dtype, head_size = case[:2]
+    query, key, value, cache, rows, seq_lens, layout, books = make_step(*case)
+    moved = lambda b: ResidualCodebook(b.dims.to(device), b.codewords.to(device))  # noqa: E731
+    books = LayerCodebooks(books.head_size, books.head_size_v, [moved(b) for b in books.key],
+                           [moved(b) for b in books.value])
+    args = [t.to(device) for t in (query, key, value, cache, rows, seq_lens)] + [layout, books, head_size**-0.5]
+    assert ring.usable(args[0], args[3], layout)
+    got = vq_decode.decode_step(*args)
+    want = torch_step(*args)
     assert got.shape == want.shape and torch.isfinite(got).all()
-    # float32: the same sums in another order. bfloat16: the coded kernel reads bf16 codewords.
+    # float32: the same sums in another order. bfloat16: the coded kernel reads bf16 codewords (and
+    # on the GPU rounds p and values to bf16 for its tensor-core dots, as the ring kernel does).
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=tol)
+    return float((got - want).abs().max())
 
 
 @pytest.mark.triton
-def test_ring_alone_is_the_exact_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", CASES)
+def test_ring_split_equals_the_torch_step(case) -> None:
+    check_case(case, "cpu")
+
+
+@pytest.mark.triton
+def test_ring_alone_is_the_exact_attention() -> None:
     """No coded tokens at all (every request within sink + recent): the result is the ring's own
     softmax, equal to dense attention over the request's tokens."""
     query, key, value, cache, rows, seq_lens, layout, books = make_step(torch.float32, 64, 2, 2, 1)
     seq_lens = seq_lens.clamp(max=layout.ring_entries + 1)
     got = vq_decode.decode_step(query, key, value, cache, rows, seq_lens, layout, books, 0.125, longest=0)
-    monkeypatch.setattr(ring, "usable", lambda *a: False)
-    want = vq_decode.decode_step(query, key, value, cache, rows, seq_lens, layout, books, 0.125)
+    want = torch_step(query, key, value, cache, rows, seq_lens, layout, books, 0.125)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

@@ -1,7 +1,7 @@
 """On the GPU machine: kvfold backends selected by name under vLLM's default multiprocess engine.
 
 Not part of CI (no GPU there). Run after the vLLM kit is installed (../shared/gpu/README.md):
-    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels|vqkv|paged|serve]
+    python tests/gpu/check_cuda.py OUT_DIR [dense|treekv|kernels|vqkv|vqkv-kernels|paged|serve]
 Writes OUT_DIR/cuda_check.json and the engine logs. "dense" compares greedy tokens of KVFOLD_DENSE
 (by name and through CUSTOM) with vLLM's TRITON_ATTN in float32, and with FLASH_ATTN in bfloat16,
 then serves KVFOLD_DENSE with `kvfold serve` (eager and compiled). "treekv" compares KVFOLD_TREEKV
@@ -10,6 +10,7 @@ serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases
 decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
 Triton decode kernel over codes and its encode kernel against their torch specifications
 (tests/test_vqkv_kernels.py, tests/test_vqkv_encode.py) on CUDA.
+"vqkv-kernels" runs VQKV's kernels (decode, exact ring, encode) and paged steps without an engine.
 "paged" runs TreeKV's kernel cases and the paged-step tests of TreeKV and VQKV, with and without
 CUDA graphs, and starts no engine.
 "serve" serves KVFOLD_VQKV and KVFOLD_FOURIER in bfloat16 with `kvfold serve` and sends prompts far
@@ -215,6 +216,28 @@ def check_serve(out: Path, model: Path, only: str | None = None) -> dict:
     return report
 
 
+def check_vqkv_kernels(out: Path, model: Path) -> dict:
+    """VQKV's Triton kernels (decode over codes, exact ring, encode) against their torch
+    specifications on CUDA, and its paged steps with and without CUDA graphs; starts no engine."""
+    sys.path.insert(0, str(HERE.parent))
+    import test_vqkv_encode
+    import test_vqkv_kernels
+    import test_vqkv_ring
+
+    report: dict = {}
+    checks = [(f"vqkv kernel {' '.join(map(str, c))}", test_vqkv_kernels.check_case, c) for c in test_vqkv_kernels.CASES]
+    checks += [(f"vqkv ring step {' '.join(map(str, c))}", test_vqkv_ring.check_case, c) for c in test_vqkv_ring.CASES]
+    checks += [(f"vqkv encode kernel {' '.join(map(str, c))}", test_vqkv_encode.check_case, c)
+               for c in test_vqkv_encode.CASES]
+    for name, check, case in checks:
+        try:
+            report[name] = {"result": check(case, "cuda")}
+        except Exception as exc:
+            report[name] = {"error": repr(exc)[:2000]}
+    vqkv_paged_steps(model, report)
+    return report
+
+
 def vqkv_paged_steps(model: Path, report: dict) -> Path:
     """VQKV's paged backend (decode and encode through the kernels) against the reference on CUDA,
     with its decode steps replayed as CUDA graphs (strict: a failed capture fails) and eagerly."""
@@ -258,7 +281,7 @@ def main(out_dir: str, which: str = "dense", only: str | None = None) -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the driver inspects the built layers
     os.environ.setdefault("KVFOLD_CHECK_INVARIANTS", "1")  # the cache checks CPU runs always do
     checks = {"treekv": check_treekv, "kernels": check_kernels, "vqkv": check_vqkv, "serve": check_serve,
-              "paged": check_paged}
+              "paged": check_paged, "vqkv-kernels": check_vqkv_kernels}
     if which in checks:
         report = checks[which](out, model, only) if which == "serve" else checks[which](out, model)
         (out / "cuda_check.json").write_text(json.dumps(report, indent=2))
