@@ -122,6 +122,12 @@ def write_token(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
                 value: torch.Tensor, layout: PageLayout, books: LayerCodebooks) -> None:
     """``backend.write_step`` for one decoded token per request: its codes, and its exact copy in
     the ring (a new token is always among the recent ones when the ring has any)."""
+    if kernels.triton_enabled(key.device) and ring.usable(key, cache, layout):  # as the backend does
+        request = torch.arange(rows.shape[0], device=key.device)
+        vq_encode.encode_into(cache, rows, request, positions, layout.reserved_blocks, key, value, books)
+        if layout.recent:
+            ring.write_ring(cache, rows, request, positions, request, key, value, layout)
+        return
     blocks, slots = layout.code_cells(rows, positions)
     write_cells(cache, blocks, slots, vq_encode.encode(key, value, books))
     if layout.recent:

@@ -75,3 +75,27 @@ def test_no_tokens_give_no_codes() -> None:
     books = books_for(64, 2, 4, seed=0)
     codes = encode_triton(torch.empty(0, 2, 64), torch.empty(0, 2, 64), books)
     assert codes.shape == (0, 2, books.num_codes)
+
+
+@pytest.mark.triton
+def test_encode_into_the_cache_writes_each_tokens_cell() -> None:
+    """encode_into's cells hold what encode_triton's codes scattered to the same cells hold, and no
+    other cell changes."""
+    from kvfold.attention_backends.vqkv.encode import encode_into
+    from kvfold.attention_backends.vqkv.pages import write_cells
+
+    books = books_for(128, 8, -16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    reserved, page = 2, 16
+    cache = torch.randint(0, 256, (40, 2, page, books.num_codes), dtype=torch.uint8, generator=g)
+    table = (1 + torch.randperm(39, generator=g)[:12]).view(2, 6).to(torch.int32)  # 2 + 4 columns each
+    request = torch.tensor([0, 0, 1, 1, 1])
+    positions = torch.tensor([0, 15, 16, 17, 63])
+    key = torch.randn(5, 2, 128, generator=g).to(torch.bfloat16)
+    value = torch.randn(5, 2, 128, generator=g).to(torch.bfloat16)
+    got = cache.clone()
+    encode_into(got, table, request, positions, reserved, key, value, books)
+    want = cache.clone()
+    blocks = table[request, reserved + positions // page].long()
+    write_cells(want, blocks, positions % page, encode_triton(key, value, books))
+    assert not torch.equal(got, cache) and torch.equal(got, want)

@@ -106,3 +106,30 @@ def test_unaligned_caches_are_left_to_torch() -> None:
     raw = torch.zeros(cache.shape[0], cache.shape[1], cache.shape[2], layout.num_codes + 1, dtype=torch.uint8)
     assert not ring.usable(query, raw[..., : layout.num_codes], layout)  # odd strides
     assert not ring.usable(query.float(), cache, layout)  # query in another dtype than the ring
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ring_write_equals_pack_and_scatter(dtype) -> None:
+    """write_ring puts each kept token's K and V bytes where pack_exact + write_cells put them, and
+    touches no other byte (the pad after an entry's K/V bytes excepted: it is never read)."""
+    query, _, _, cache, rows, _, layout, _ = make_step(dtype, 64, 2, 2, 1)
+    g = torch.Generator().manual_seed(7)
+    positions = torch.tensor([0, 3, 4, 30, 31, 32, 77, 299, 5])  # sinks, ring entries, wrapped ones
+    request = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5, 0])
+    kept = torch.tensor([0, 1, 3, 5, 6, 7])  # indices of the tokens the ring keeps this step
+    key = torch.randn(len(positions), 2, 64, generator=g).to(dtype)
+    value = torch.randn(len(positions), 2, 64, generator=g).to(dtype)
+    got = cache.clone()
+    ring.write_ring(got, rows, request, positions, kept, key, value, layout)
+    want = cache.clone()
+    blocks, slots = layout.ring_cells(rows[request[kept]], layout.ring_index(positions[kept]))
+    packed = layout.pack_exact(key[kept], value[kept])
+    write_cells(want, blocks, slots, packed)
+    # Which cache bytes are an entry's padding after its K/V bytes: the same scatter of a marker.
+    is_pad = torch.zeros(layout.cells_per_entry * layout.num_codes, dtype=torch.bool)
+    is_pad[layout.exact_bytes :] = True
+    pad = torch.zeros_like(cache, dtype=torch.bool)
+    write_cells(pad, blocks, slots, is_pad.view(1, -1, 1, layout.num_codes).expand_as(packed))
+    assert not torch.equal(got, cache)
+    assert torch.equal(got[~pad], want[~pad])

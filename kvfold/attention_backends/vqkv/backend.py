@@ -23,10 +23,12 @@ from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.transfer import to_device
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
+from kvfold.attention_backends.vqkv import ring
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.options import VQKVOptions
 from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
-from kvfold.attention_backends.vqkv.encode import encode
+from kvfold.attention_backends.vqkv.encode import encode, encode_into
+from kvfold.attention_backends.vqkv.kernels import triton_enabled
 from kvfold.attention_backends.vqkv.rebuild import rebuild
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
 from kvfold.options import KvfoldConfigError
@@ -255,10 +257,17 @@ def write_step(
 ) -> None:
     """Codes of every new token; exact copies of the ones the ring keeps."""
     request, positions = tokens
+    kept = kept_tokens(metadata, layout, key.device)
+    if triton_enabled(key.device) and ring.usable(key, cache, layout):
+        # Three launches straight into the cells: in an eager decode step the torch version's ~20
+        # ops cost ~1 ms of host time per layer, more than the attention.
+        table = metadata.block_table if metadata.block_table.stride(-1) == 1 else metadata.block_table.contiguous()
+        encode_into(cache, table, request, positions, layout.reserved_blocks, key, value, books)
+        ring.write_ring(cache, table, request, positions, kept, key, value, layout)
+        return
     rows = metadata.block_table[request]
     blocks, slots = layout.code_cells(rows, positions)
     write_cells(cache, blocks, slots, encode(key, value, books))
-    kept = kept_tokens(metadata, layout, key.device)
     if layout.ring_entries and kept.numel():
         blocks, slots = layout.ring_cells(rows[kept], layout.ring_index(positions[kept]))
         write_cells(cache, blocks, slots, layout.pack_exact(key[kept], value[kept]))

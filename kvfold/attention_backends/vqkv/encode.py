@@ -33,10 +33,12 @@ NUM_WARPS = 4
 
 def _encode_residual(
     X, Dims, Book, Norms, Codes,  # noqa: N803 (Triton pointer arguments)
-    num_rows, num_heads, code_offset,
-    stride_xt, stride_xh, stride_ct, stride_ch,
+    Table, Request, Positions,  # noqa: N803 (TO_CACHE only)
+    num_rows, num_heads, code_offset, reserved,
+    stride_xt, stride_xh, stride_ct, stride_ch, stride_cs, stride_tab,
     STAGES: tl.constexpr, DB: tl.constexpr, BLOCK_D: tl.constexpr,  # noqa: N803
     BOOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,  # noqa: N803
+    TO_CACHE: tl.constexpr, PAGE: tl.constexpr,  # noqa: N803
 ):
     # Axis 1: one of several codebooks of the same shape (the key branches, the value groups),
     # stacked, whose codes follow each other.
@@ -54,7 +56,14 @@ def _encode_residual(
     dims = tl.load(Dims + offs_d, mask=mask_d, other=0)
     x_rows = X + token[:, None] * stride_xt + head[:, None] * stride_xh
     residual = tl.load(x_rows + dims[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    code_rows = Codes + token * stride_ct + head * stride_ch + code_offset
+    if TO_CACHE:  # Codes is the paged cache: token t's cell is at its position's block and slot
+        request = tl.load(Request + token, mask=mask_r, other=0).to(tl.int64)
+        position = tl.load(Positions + token, mask=mask_r, other=0).to(tl.int64)
+        block = tl.load(Table + request * stride_tab + reserved + position // PAGE, mask=mask_r, other=0)
+        code_rows = (Codes + block.to(tl.int64) * stride_ct + head * stride_ch + (position % PAGE) * stride_cs
+                     + code_offset)
+    else:
+        code_rows = Codes + token * stride_ct + head * stride_ch + code_offset
     for s in range(STAGES):
         best = tl.full([BLOCK_M], float("inf"), tl.float32)
         best_i = tl.full([BLOCK_M], 0, tl.int32)
@@ -115,13 +124,38 @@ def _same_shape_runs(books: list[ResidualCodebook]) -> list[list[ResidualCodeboo
 def encode_triton(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks) -> torch.Tensor:
     """``books.encode(key, value)`` by the Triton kernel: ``[T, H, D]``, ``[T, H, Dv]`` (strided
     views are fine) -> ``[T, H, num_codes]`` uint8."""
+    num_tokens, num_heads = key.shape[:2]
+    codes = torch.empty(num_tokens, num_heads, books.num_codes, dtype=torch.uint8, device=key.device)
+    _launch(key, value, books, codes, None)
+    return codes
+
+
+def encode_into(cache: torch.Tensor, table: torch.Tensor, request: torch.Tensor, positions: torch.Tensor,
+                reserved_blocks: int, key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks) -> None:
+    """Encodes ``key``/``value [T, H, D]`` straight into their cells of the paged ``cache``
+    ``[blocks, H, block_size, C]`` uint8: token ``t`` (of request ``request[t]`` at ``positions[t]``)
+    goes to slot ``p % block_size`` of block ``table[request[t], reserved_blocks + p // block_size]``.
+    No codes tensor and no scatter: one launch per shape of codebook, where the host time of the
+    step's write mattered (eager decode steps)."""
+    if cache.stride(-1) != 1:
+        raise ValueError("encode_into needs a cache whose cells' bytes are contiguous")
+    _launch(key, value, books, cache, (table, request, positions, int(reserved_blocks)))
+
+
+def _launch(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks, out: torch.Tensor,
+            paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None) -> None:
     if any(b.codewords.shape[1] != CODEBOOK_SIZE for b in books.key + books.value):
         raise ValueError(f"VQKV's encode kernel needs {CODEBOOK_SIZE}-entry codebooks")
     num_tokens, num_heads = key.shape[:2]
-    codes = torch.empty(num_tokens, num_heads, books.num_codes, dtype=torch.uint8, device=key.device)
     num_rows = num_tokens * num_heads
     if num_rows == 0:
-        return codes
+        return
+    if paged is None:
+        table = request = positions = out
+        reserved, stride_cs, stride_tab, page = 0, 0, 0, 1
+    else:
+        table, request, positions, reserved = paged
+        stride_cs, stride_tab, page = out.stride(2), table.stride(0), out.shape[2]
     offset = 0
     block_m = SMALL_BLOCK_M if num_rows <= SMALL_ROWS else BLOCK_M
     for source, run in [(key, r) for r in _same_shape_runs(books.key)] + \
@@ -131,14 +165,15 @@ def encode_triton(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks)
         dims, words, norms = _prepared(run, key.device)
         stages, width = run[0].stages, dims.shape[1]
         _kernel()[(-(-num_rows // block_m), len(run))](
-            source, dims, words, norms, codes,
-            num_rows, num_heads, offset,
-            source.stride(0), source.stride(1), codes.stride(0), codes.stride(1),
+            source, dims, words, norms, out,
+            table, request, positions,
+            num_rows, num_heads, offset, reserved,
+            source.stride(0), source.stride(1), out.stride(0), out.stride(1), stride_cs, stride_tab,
             STAGES=stages, DB=width, BLOCK_D=max(16, _pow2(width)),
-            BOOK=CODEBOOK_SIZE, BLOCK_M=block_m, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS,
+            BOOK=CODEBOOK_SIZE, BLOCK_M=block_m, BLOCK_S=BLOCK_S,
+            TO_CACHE=paged is not None, PAGE=page, num_warps=NUM_WARPS,
         )
         offset += stages * len(run)
-    return codes
 
 
 def encode(key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks) -> torch.Tensor:

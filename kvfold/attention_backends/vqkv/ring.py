@@ -1,4 +1,5 @@
-"""Decode attention over the exact tokens (sink, recent ring, the new token) in one Triton kernel.
+"""The exact tokens (sink, recent ring, the new token) in Triton: decode attention over them, and
+the write of a step's kept tokens into the ring.
 
 A request's exact tokens live in its reserved blocks (``pages.PageLayout``): entry ``e`` of the ring
 is the model-dtype bytes of its key then its value, spread over ``cells_per_entry`` cells from cell
@@ -129,16 +130,76 @@ def _exact_ring(
     tl.store(LPart + ml, l_i, mask=mask_g)
 
 
-_jitted: dict[bool, Any] = {}
+def _write_ring(
+    Key, Value, Kept, Request, Positions, Table, Cache,  # noqa: N803 (Triton pointer arguments)
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_tab,
+    stride_cb, stride_ch, stride_cs,
+    PAGE: tl.constexpr, CELL: tl.constexpr, PER_ENTRY: tl.constexpr,  # noqa: N803
+    SINK: tl.constexpr, RECENT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,  # noqa: N803
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SIZE: tl.constexpr,  # noqa: N803
+):
+    """Copies kept token ``Kept[i]``'s key and value (head ``program_id(1)``) into its ring entry."""
+    t = tl.load(Kept + tl.program_id(0)).to(tl.int64)
+    h = tl.program_id(1)
+    row = Table + tl.load(Request + t).to(tl.int64) * stride_tab
+    p = tl.load(Positions + t).to(tl.int64)
+    if RECENT > 0:
+        entry = tl.where(p < SINK, p, SINK + (p - SINK) % RECENT)
+    else:
+        entry = p
+    dtype = Key.dtype.element_ty
+    head_cells = Cache + h * stride_ch
+    # The key's bytes first, then the value's (pack_exact's order).
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    nbytes = offs * SIZE
+    cells = entry * PER_ENTRY + nbytes // CELL
+    blocks = tl.load(row + cells // PAGE, mask=mask, other=0).to(tl.int64)
+    target = head_cells + blocks * stride_cb + (cells % PAGE) * stride_cs + nbytes % CELL
+    tl.store(target.to(tl.pointer_type(dtype)), tl.load(Key + t * stride_kt + h * stride_kh + offs, mask=mask),
+             mask=mask)
+    offs = tl.arange(0, BLOCK_DV)
+    mask = offs < DV
+    nbytes = (D + offs) * SIZE
+    cells = entry * PER_ENTRY + nbytes // CELL
+    blocks = tl.load(row + cells // PAGE, mask=mask, other=0).to(tl.int64)
+    target = head_cells + blocks * stride_cb + (cells % PAGE) * stride_cs + nbytes % CELL
+    tl.store(target.to(tl.pointer_type(dtype)), tl.load(Value + t * stride_vt + h * stride_vh + offs, mask=mask),
+             mask=mask)
 
 
-def _kernel() -> Any:
+_jitted: dict[tuple[str, bool], Any] = {}
+
+
+def _kernel(name: str = "attend") -> Any:
     import triton
 
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if interpret not in _jitted:
-        _jitted[interpret] = triton.jit(_exact_ring)
-    return _jitted[interpret]
+    if (name, interpret) not in _jitted:
+        _jitted[name, interpret] = triton.jit(_exact_ring if name == "attend" else _write_ring)
+    return _jitted[name, interpret]
+
+
+def write_ring(cache: torch.Tensor, table: torch.Tensor, request: torch.Tensor, positions: torch.Tensor,
+               kept: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PageLayout) -> None:
+    """``key``/``value [T, Hk, D]`` of the step's tokens ``kept`` (indices the ring keeps) into their
+    ring entries (``PageLayout.ring_index``) in the reserved blocks of ``table[request[t]]``: what
+    ``pack_exact`` and ``write_cells`` do, in one launch. Needs :func:`usable` (with ``key``)."""
+    if kept.numel() == 0 or layout.ring_entries == 0:
+        return
+    num_kv_heads = key.shape[1]
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    pow2 = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731
+    _kernel("write")[(kept.numel(), num_kv_heads)](
+        key, value, kept, request, positions, table, cache,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), table.stride(0),
+        cache.stride(0), cache.stride(1), cache.stride(2),
+        PAGE=cache.shape[2], CELL=layout.num_codes, PER_ENTRY=layout.cells_per_entry,
+        SINK=layout.sink, RECENT=layout.recent, D=layout.head_size, DV=layout.head_size_v,
+        BLOCK_D=max(16, pow2(layout.head_size)), BLOCK_DV=max(16, pow2(layout.head_size_v)),
+        SIZE=layout.dtype.itemsize,
+    )
 
 
 def usable(query: torch.Tensor, cache: torch.Tensor, layout: PageLayout) -> bool:
