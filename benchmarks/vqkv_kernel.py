@@ -327,6 +327,24 @@ def check_ring(step: Callable[[], torch.Tensor], out: torch.Tensor) -> dict[str,
 _RING_ARGS: tuple = ()
 
 
+def check_write(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, layout: PageLayout, books: LayerCodebooks) -> dict[str, int | bool]:
+    """The write as run (encode into the cells, ring copy in Triton, where they apply) against the
+    torch write (codes tensor, pack_exact, scatters), on copies of the cache: bytes that differ
+    (an entry's padding after its K/V bytes is left as it was by the kernel; none at 8B shape)."""
+    got, want = cache.clone(), cache.clone()
+    write_token(got, rows, positions, key, value, layout, books)
+    saved = ring.usable
+    ring.usable = lambda *a: False
+    try:
+        write_token(want, rows, positions, key, value, layout, books)
+    finally:
+        ring.usable = saved
+    pad = layout.cells_per_entry * layout.num_codes - layout.exact_bytes
+    return {"kernels": ring.usable(key, cache, layout), "bytes_differing": int((got != want).sum()),
+            "bytes_written": int((want != cache).sum()), "pad_bytes_per_entry": pad}
+
+
 def run(args: argparse.Namespace) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -384,6 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         if i == 0:
             entry["check_vs_torch_spec"] = check_kernel(q, cache, rows, layout, books, computed, longest)
             entry["check_step_vs_torch_ring"] = check_ring(step, out)
+            entry["check_write_vs_torch"] = check_write(cache, rows, positions, -k, -v, layout, books)
         entry["decode_ms"] = summary(timer(step, args.steps))
         entry["write_ms"] = summary(timer(write, args.steps))
         moved = step_bytes(layout, books, batch, computed)
