@@ -438,6 +438,21 @@ def test_vqkv_kernel_benchmark_runs_interpreted_without_vllm_or_pydantic(tmp_pat
         assert plan["programs"] == int(batch) * 8 * plan["splits"] and plan["BLOCK_N"] > 0
     check = report["batches"]["1"]["check_vs_torch_spec"]
     assert check["max_abs_err_out"] < 1e-2 and check["max_abs_err_lse"] < 1e-3
+    assert report["settings"]["value_groups"] == 16 and report["settings"]["value_stages"] == 1
+    ring_check = report["batches"]["1"]["check_step_vs_torch_ring"]
+    assert ring_check["ring_kernel"] is True and ring_check["max_abs_err"] < 1e-3
+    write_check = report["batches"]["1"]["check_write_vs_torch"]
+    assert write_check["kernels"] is True and write_check["bytes_written"] > 0
+    assert write_check["bytes_differing"] == 0  # no padding after an entry at this shape
+
+    from benchmarks.vqkv_kernel_summary import main as summarize
+
+    summary_path = tmp_path / "summary.json"
+    assert summarize(["--out", str(summary_path), f"run={out}"]) == 0
+    (version,) = json.loads(summary_path.read_text())
+    assert version["label"] == "run" and sorted(version["batches"]) == ["1", "2"]
+    assert version["batches"]["1"]["dense_sdpa_ms"] == report["batches"]["1"]["dense_sdpa"]["ms"]
+    assert summary_path.with_suffix(".png").stat().st_size > 0
 
 
 def test_vqkv_kernel_benchmark_restates_the_backends_defaults() -> None:
