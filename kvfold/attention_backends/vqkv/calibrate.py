@@ -16,8 +16,9 @@ the model's own KV with a GPU); times measured on 2 shared CPU cores:
   ``seq_len`` put those pairs at angles calibration never saw.
 * ``DEFAULT_MAX_SAMPLES = 65536`` vectors per layer, drawn evenly from the sequences: 256 rows per
   codeword of a stage. Against 16384 rows it lowers SmolLM2's held-out error by ~6% (K) and 6-11%
-  (V) relative; against 32768 by 1.5-3.5%, at twice the fitting time: 45-120 s per layer with the default
-  stages, so 30 layers take 25-60 minutes on 2 cores (``--max-samples 32768`` halves that; more
+  (V) relative; against 32768 by 1.5-3.5%, at twice the fitting time: 45-120 s per layer with 8 + 8
+  key stages and one 16-stage value codebook (the 16 one-stage value groups of today's default fit
+  no slower), so 30 layers take 25-60 minutes on 2 cores (``--max-samples 32768`` halves that; more
   cores or ``--device cuda`` much more).
 * ``DEFAULT_ITERATIONS = 20`` Lloyd iterations per stage; 10 gave a held-out error within 1%.
 
