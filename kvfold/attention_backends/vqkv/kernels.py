@@ -348,15 +348,15 @@ def key_codebook_matrix(books: LayerCodebooks, device: torch.device) -> torch.Te
     return _once(sources, device, torch.float32, make)
 
 
-def value_layout(books: LayerCodebooks) -> tuple[int, int, int, torch.Tensor]:
-    """``(groups, stages per group, dims per group, dims)``: the kernel's value codebooks, with
-    ``dims`` the value dims in the order of the kernel's output columns (the groups' dims in turn)."""
+def value_layout(books: LayerCodebooks) -> tuple[int, int, int]:
+    """``(groups, stages per group, dims per group)`` of the kernel's value codebooks; its output
+    columns are the groups' dims in turn (:func:`_output_order`)."""
     groups = books.value
     stages, width = groups[0].stages, groups[0].dims.numel()
     if any(g.stages != stages or g.dims.numel() != width for g in groups):
         raise ValueError("VQKV's kernel needs value groups of equal width and stage count, got "
                          f"{[(g.dims.numel(), g.stages) for g in groups]}")
-    return len(groups), stages, width, torch.cat([g.dims for g in groups])
+    return len(groups), stages, width
 
 
 def value_codebook(books: LayerCodebooks, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -377,7 +377,7 @@ def _output_order(books: LayerCodebooks, device: torch.device) -> torch.Tensor |
     CUDA-graph capture after the first eager step does not sync."""
 
     def make() -> torch.Tensor:
-        dims = value_layout(books)[3].cpu()
+        dims = torch.cat([g.dims.cpu() for g in books.value])
         ordered = torch.equal(dims, torch.arange(books.head_size_v))
         return dims[:0].to(device) if ordered else dims.to(device)
 
@@ -430,7 +430,7 @@ def decode_attention(
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
     if any(g.codewords.shape[1] != CODEBOOK_SIZE for g in books.value):
         raise ValueError(f"VQKV's kernel needs {CODEBOOK_SIZE}-entry codebooks")
-    groups, stages, width, _ = value_layout(books)
+    groups, stages, width = value_layout(books)
     group = num_heads // num_kv_heads
     head_size_v = books.head_size_v
     dev = query.device
