@@ -51,14 +51,14 @@ def codebook_dir(tmp_path_factory):
     return directory
 
 
-def make_config(model, codebook_dir, **options) -> VllmConfig:
+def make_config(model, codebook_dir, dtype: str = "float32", **options) -> VllmConfig:
     from vllm.config import AttentionConfig, CacheConfig
 
     from kvfold.vllm_plugins.general import register
 
     register()
     return VllmConfig(
-        model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=4096),
+        model_config=ModelConfig(model=str(model), dtype=dtype, max_model_len=4096),
         cache_config=CacheConfig(enable_prefix_caching=False),
         attention_config=AttentionConfig(backend="KVFOLD_VQKV"),
         additional_config={"kvfold": {"codebooks": str(codebook_dir), "sink": SINK, "recent": RECENT,
@@ -177,3 +177,11 @@ def test_profile_run_reserves_the_prefill_rebuild(tiny_llama, codebook_dir, monk
     assert made == []  # the CPU KV cache is sized by VLLM_CPU_KVCACHE_SPACE, not by a profile
     impl.reserve_scratch(torch.device("cuda"))
     assert made == [(PREFILL_BYTES_PER_ELEMENT * 4096 * HK * D, "cuda")]
+
+
+def test_sixteen_bit_models_reserve_only_the_past_buffers(tiny_llama, codebook_dir) -> None:
+    """16-bit models with an even code count take past.py's path on CUDA: the scratch is its
+    model-dtype K and V of the longest past, 4 bytes per element instead of the torch path's 64."""
+    with set_current_vllm_config(make_config(tiny_llama, codebook_dir, dtype="bfloat16")):
+        impl = VQKVImpl(HQ, D, D**-0.5, HK)
+    assert impl.profile_scratch_bytes() == 2 * 2 * 4096 * HK * D

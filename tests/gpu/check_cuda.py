@@ -10,7 +10,7 @@ serves it, reading kvfold's metrics. "kernels" runs TreeKV's Triton kernel cases
 decode test (tests/test_treekv_kernels.py, tests/test_treekv_paged.py) on CUDA. "vqkv" runs VQKV's
 Triton decode kernel over codes and its encode kernel against their torch specifications
 (tests/test_vqkv_kernels.py, tests/test_vqkv_encode.py) on CUDA.
-"vqkv-kernels" runs VQKV's kernels (decode, exact ring, encode) and paged steps without an engine.
+"vqkv-kernels" runs VQKV's kernels (decode, exact ring, encode, prefill past) and paged steps without an engine.
 "paged" runs TreeKV's kernel cases and the paged-step tests of TreeKV and VQKV, with and without
 CUDA graphs, and starts no engine.
 "serve" serves KVFOLD_VQKV and KVFOLD_FOURIER in bfloat16 with `kvfold serve` and sends prompts far
@@ -217,11 +217,12 @@ def check_serve(out: Path, model: Path, only: str | None = None) -> dict:
 
 
 def check_vqkv_kernels(out: Path, model: Path) -> dict:
-    """VQKV's Triton kernels (decode over codes, exact ring, encode) against their torch
+    """VQKV's Triton kernels (decode over codes, exact ring, encode, prefill past) against their torch
     specifications on CUDA, and its paged steps with and without CUDA graphs; starts no engine."""
     sys.path.insert(0, str(HERE.parent))
     import test_vqkv_encode
     import test_vqkv_kernels
+    import test_vqkv_past
     import test_vqkv_ring
 
     report: dict = {}
@@ -229,6 +230,8 @@ def check_vqkv_kernels(out: Path, model: Path) -> dict:
     checks += [(f"vqkv ring step {' '.join(map(str, c))}", test_vqkv_ring.check_case, c) for c in test_vqkv_ring.CASES]
     checks += [(f"vqkv encode kernel {' '.join(map(str, c))}", test_vqkv_encode.check_case, c)
                for c in test_vqkv_encode.CASES]
+    checks += [(f"vqkv prefill past {' '.join(map(str, c))}", lambda c, d: test_vqkv_past.check_past(*c, d), c)
+               for c in test_vqkv_past.CASES]
     for name, check, case in checks:
         try:
             report[name] = {"result": check(case, "cuda")}

@@ -23,13 +23,12 @@ from kvfold.attention_backends.paged.metadata import PagedMetadata
 from kvfold.attention_backends.paged.transfer import to_device
 from kvfold.attention_backends.paged.reserved import ReservedBlocksSpec, reserved_spec
 from kvfold.attention_backends.vqkv import codebooks as files
-from kvfold.attention_backends.vqkv import ring
+from kvfold.attention_backends.vqkv import past, ring
 from kvfold.attention_backends.vqkv.decode import decode_step
 from kvfold.attention_backends.vqkv.options import VQKVOptions
-from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells, write_cells
+from kvfold.attention_backends.vqkv.pages import PageLayout, write_cells
 from kvfold.attention_backends.vqkv.encode import encode, encode_into
 from kvfold.attention_backends.vqkv.kernels import triton_enabled
-from kvfold.attention_backends.vqkv.rebuild import rebuild
 from kvfold.attention_backends.vqkv.reference import LayerCodebooks, ResidualCodebook
 from kvfold.options import KvfoldConfigError
 
@@ -61,8 +60,9 @@ def codebook_bytes(manifest: files.CodebookManifest) -> int:
 
 
 # Temporary bytes of a prefill chunk's rebuild of one request's past, per (cached token x KV head x
-# head dim): codes and bag indices (int64), float32 K/V, their concatenation with the chunk and the
-# 16-bit copies flash attention reads. torch's profiler on CPU at 8B shape, 4k and 8k tokens: 58-62.
+# head dim), on the torch path: codes and bag indices (int64), float32 K/V, their concatenation with
+# the chunk and the 16-bit copies flash attention reads. torch's profiler on CPU at 8B shape, 4k and
+# 8k tokens: 58-62. The Triton path (``past.py``) holds only the model-dtype K/V flash attention reads.
 PREFILL_BYTES_PER_ELEMENT = 64
 
 class VQKVImpl(KvfoldImpl):
@@ -91,7 +91,11 @@ class VQKVImpl(KvfoldImpl):
         return codebook_bytes(self.manifest)
 
     def profile_scratch_bytes(self) -> int:
-        return PREFILL_BYTES_PER_ELEMENT * self.max_model_len * self.num_kv_heads * self.head_size
+        # Reserved on CUDA only, where 16-bit models with even code counts take past.py's path.
+        per_element = PREFILL_BYTES_PER_ELEMENT
+        if self.dtype.itemsize == 2 and self.manifest.num_codes % 2 == 0:
+            per_element = 2 * self.dtype.itemsize
+        return per_element * self.max_model_len * self.num_kv_heads * self.head_size
 
     def _layer_books(self, layer: AttentionLayer, device: torch.device) -> LayerCodebooks:
         if self._books is None:
@@ -151,11 +155,20 @@ class VQKVImpl(KvfoldImpl):
                 padded_table(metadata.block_table[rows]), seq_lens, longest=longest,
             )
             output[starts[:num]] = out[:num].to(output.dtype)
+        fast_past = triton_enabled(query.device) and past.usable(kv_cache, layout, key.dtype)
         for i, start, end, seq_len in metadata.requests():
             if end - start == 1:
                 continue
             computed = seq_len - (end - start)
-            past_k, past_v = read_past(kv_cache, metadata.block_table[i], computed, layout, books)
+            if fast_past:
+                k = key.new_empty(seq_len, *key.shape[1:])
+                v = value.new_empty(seq_len, *value.shape[1:])
+                past.past_into(kv_cache, metadata.block_table[i], computed, layout, books, k, v)
+                k[computed:], v[computed:] = key[start:end], value[start:end]
+                output[start:end] = prefill_attention(query[start:end], k, v, self.scale, computed).to(output.dtype)
+                del k, v
+                continue
+            past_k, past_v = past.read_past(kv_cache, metadata.block_table[i], computed, layout, books)
             k = torch.cat([past_k, key[start:end].float()])
             v = torch.cat([past_v, value[start:end].float()])
             del past_k, past_v  # the peak is what profile_scratch_bytes reserves
@@ -225,25 +238,6 @@ def kept_tokens(metadata: PagedMetadata, layout: PageLayout, device: torch.devic
         kept = layout.is_kept_exact(positions, metadata.seq_lens_cpu[request]).nonzero().flatten()
         cached = metadata.scratch["vqkv_kept"] = to_device(kept, device)
     return cached
-
-
-def read_past(
-    cache: torch.Tensor, row: torch.Tensor, computed: int, layout: PageLayout, books: LayerCodebooks
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 K/V ``[computed, H, D]`` a step of one request sees for its cached tokens."""
-    positions = torch.arange(computed, device=cache.device)
-    rows = row.expand(computed, -1)
-    blocks, slots = layout.code_cells(rows, positions)
-    key, value = rebuild(read_cells(cache, blocks, slots)[..., : layout.num_codes], books)
-    # Exact positions from host ints: a boolean index of a device tensor would sync every layer.
-    recent_from = min(max(computed - layout.recent, layout.sink), computed)
-    exact = torch.cat([torch.arange(min(layout.sink, computed)), torch.arange(recent_from, computed)])
-    if exact.numel():
-        exact = exact.to(cache.device)
-        blocks, slots = layout.ring_cells(row.expand(exact.numel(), -1), layout.ring_index(exact))
-        exact_k, exact_v = layout.unpack_exact(read_cells(cache, blocks, slots))
-        key[exact], value[exact] = exact_k.float(), exact_v.float()
-    return key, value
 
 
 def write_step(

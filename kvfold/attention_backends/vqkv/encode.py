@@ -101,12 +101,14 @@ def _prepared(books: list[ResidualCodebook], device: torch.device
     their squared norms ``[n, stages, 256]``), all contiguous."""
     sources = tuple(b.codewords for b in books)
     words = _once(sources, device, torch.float32,
-                  lambda: torch.stack([w.to(device, torch.float32) for w in sources]).contiguous())
-    norms = _once(sources, device, torch.float64,  # (dtype only keys the cache entry)
-                  lambda: (words * words).sum(-1).contiguous())
+                  lambda: torch.stack([w.to(device, torch.float32) for w in sources]).contiguous(),
+                  tag="encode.words")
+    norms = _once(sources, device, torch.float32, lambda: (words * words).sum(-1).contiguous(),
+                  tag="encode.norms")
     dim_sources = tuple(b.dims for b in books)
     dims = _once(dim_sources, device, torch.int32,
-                 lambda: torch.stack([d.to(device, torch.int32) for d in dim_sources]).contiguous())
+                 lambda: torch.stack([d.to(device, torch.int32) for d in dim_sources]).contiguous(),
+                 tag="encode.dims")
     return dims, words, norms
 
 

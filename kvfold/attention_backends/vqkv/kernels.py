@@ -317,12 +317,14 @@ def _pow2(x: int) -> int:
 _converted: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
 
-def _once(sources: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype, make) -> torch.Tensor:
-    """``make()``, computed once per (codebook tensors and their versions, device, dtype).
+def _once(sources: tuple[torch.Tensor, ...], device: torch.device, dtype: torch.dtype, make,
+          tag: str = "") -> torch.Tensor:
+    """``make()``, computed once per (codebook tensors and their versions, device, dtype, ``tag``);
+    callers that derive different tensors of the same sources and dtype give each its own tag.
 
     Inference tensors (codebooks first moved to the device inside vLLM's forward) have no version
     counter, and cannot be changed in place outside inference mode: their id alone is the key."""
-    key = (*((id(t), -1 if t.is_inference() else t._version) for t in sources), str(device), dtype)
+    key = (*((id(t), -1 if t.is_inference() else t._version) for t in sources), str(device), dtype, tag)
     hit = _converted.get(key)
     if hit is None:
         if len(_converted) > 4096:
