@@ -12,7 +12,9 @@ a request with ``context`` cached tokens, each chunk is timed three ways, on the
   what the backend runs on CUDA;
 * ``attention_ms``: the chunk's causal attention over past + chunk (vLLM's flash attention when
   importable, as the backend calls it; torch SDPA's flash kernel over GQA-expanded K/V otherwise):
-  what a dense backend's prefill spends on attention for the same chunk.
+  what a dense backend's prefill spends on attention for the same chunk;
+* ``write_ms``: the chunk's write into the cache as the backend does it on CUDA (``encode_into``:
+  every token's codes; ``ring.write_ring``: the exact copies the ring keeps).
 
 The two pasts are compared (largest difference after bf16 rounding). Ratios are against the
 attention in the same run.
@@ -33,7 +35,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import vqkv_kernel as vk
-from kvfold.attention_backends.vqkv import kernels, past
+from kvfold.attention_backends.vqkv import encode as vq_encode
+from kvfold.attention_backends.vqkv import kernels, past, ring
+
+SETTINGS = ("BLOCK_T", "NUM_WARPS", "BOOK_16BIT")  # past.py's, for --set
 
 
 def flash_attention() -> tuple[str, Callable[..., torch.Tensor]]:
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         "chunk": chunk, "attention": name,
         "settings": {"sink": args.sink, "recent": args.recent, "key_stages": args.key_stages,
                      "value_stages": args.value_stages, "value_groups": args.value_groups,
-                     "num_codes": layout.num_codes, "BLOCK_T": past.BLOCK_T, "NUM_WARPS": past.NUM_WARPS},
+                     "num_codes": layout.num_codes, **{name: getattr(past, name) for name in SETTINGS}},
         "contexts": {},
     }
     for computed in contexts:
@@ -105,6 +110,14 @@ def run(args: argparse.Namespace) -> dict:
             k[computed:], v[computed:] = key, value
             return k, v
 
+        request = torch.zeros(chunk, dtype=torch.long, device=dev)
+        positions = computed + torch.arange(chunk, device=dev)
+        kept = (positions >= total - layout.recent).nonzero().flatten()
+
+        def write() -> None:
+            vq_encode.encode_into(cache, tables, request, positions, layout.reserved_blocks, key, value, books)
+            ring.write_ring(cache, tables, request, positions, kept, key, value, layout)
+
         k_t, v_t = torch_past()
         k_f, v_f = triton_past()
         diff = max(float((k_t.float() - k_f.float()).abs().max()), float((v_t.float() - v_f.float()).abs().max()))
@@ -114,14 +127,17 @@ def run(args: argparse.Namespace) -> dict:
             "torch_past_ms": vk.summary(timer(torch_past, args.repeats)),
             "triton_past_ms": vk.summary(timer(triton_past, args.repeats)),
             "attention_ms": vk.summary(timer(lambda: attention(query, k_f, v_f, scale, computed), args.repeats)),
+            "write_ms": vk.summary(timer(write, args.repeats)),
             # What past_into must move: the codes once, the bf16 K/V once.
             "past_bytes": computed * vk.KV_HEADS * (layout.num_codes + 2 * 2 * vk.HEAD_DIM),
         }
-        med = {k: entry[k]["median"] for k in ("torch_past_ms", "triton_past_ms", "attention_ms")}
+        med = {k: entry[k]["median"] for k in ("torch_past_ms", "triton_past_ms", "attention_ms", "write_ms")}
         entry["triton_speedup_vs_torch"] = med["torch_past_ms"] / med["triton_past_ms"]
         entry["triton_past_vs_attention"] = med["triton_past_ms"] / med["attention_ms"]
         entry["torch_past_vs_attention"] = med["torch_past_ms"] / med["attention_ms"]
         entry["triton_past_GB_per_s"] = entry["past_bytes"] / med["triton_past_ms"] / 1e6
+        # The chunk's attention work as the backend does it, against a dense backend's attention.
+        entry["chunk_vs_attention"] = (med["triton_past_ms"] + med["attention_ms"] + med["write_ms"]) / med["attention_ms"]
         report["contexts"][str(computed)] = entry
         print(json.dumps({computed: entry}), flush=True)
     return report
@@ -137,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value-stages", type=int, default=vk.DEFAULT_VALUE_STAGES)
     p.add_argument("--value-groups", type=int, default=vk.DEFAULT_VALUE_GROUPS)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a past.py setting for this run: one of {', '.join(SETTINGS)}")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
@@ -144,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for pair in args.set:
+        name, _, raw = pair.partition("=")
+        if name not in SETTINGS or not raw:
+            raise SystemExit(f"--set {pair}: expected NAME=VALUE with NAME in {SETTINGS}")
+        setattr(past, name, raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw))
     if not kernels.triton_enabled(torch.device(args.device)):
         raise SystemExit("past_into needs CUDA or TRITON_INTERPRET=1")
     report = run(args)

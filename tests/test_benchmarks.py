@@ -457,8 +457,8 @@ def test_vqkv_kernel_benchmark_runs_interpreted_without_vllm_or_pydantic(tmp_pat
 
 def test_vqkv_prefill_benchmark_runs_interpreted_without_vllm(tmp_path: Path) -> None:
     out = tmp_path / "vqkv-prefill.json"
-    argv = ["vqkv_prefill", "--device", "cpu", "--contexts", "600", "--chunk", "64", "--repeats", "1",
-            "--out", str(out)]
+    argv = ["vqkv_prefill", "--device", "cpu", "--contexts", "600", "--chunk", "16", "--repeats", "1",
+            "--set", "BLOCK_T=32", "--out", str(out)]
     script = ("import runpy, sys; sys.modules['vllm'] = None; sys.modules['pydantic'] = None; "
               f"sys.argv = {argv!r}; runpy.run_module('benchmarks.vqkv_prefill', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
@@ -466,11 +466,13 @@ def test_vqkv_prefill_benchmark_runs_interpreted_without_vllm(tmp_path: Path) ->
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["attention"].startswith("torch sdpa") and report["settings"]["num_codes"] == 32
+    assert report["settings"]["BLOCK_T"] == 32 and report["settings"]["BOOK_16BIT"] is False
     entry = report["contexts"]["600"]
     # The two pasts agree to a bf16 rounding of values of unit scale (one ulp below 8 is 1/16).
     assert entry["max_abs_diff_bf16"] <= 1 / 16
-    for key in ("torch_past_ms", "triton_past_ms", "attention_ms"):
+    for key in ("torch_past_ms", "triton_past_ms", "attention_ms", "write_ms"):
         assert entry[key]["median"] > 0 and entry[key]["steps"] == 1
+    assert entry["chunk_vs_attention"] > 1
     assert entry["past_bytes"] == 600 * 8 * (32 + 4 * 128)
     assert entry["triton_speedup_vs_torch"] > 0 and entry["triton_past_GB_per_s"] > 0
 

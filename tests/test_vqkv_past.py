@@ -95,3 +95,28 @@ def test_unequal_parts_are_refused() -> None:
              ResidualCodebook(torch.arange(4, 6), torch.zeros(1, CODEBOOK_SIZE, 2))]
     with pytest.raises(ValueError, match="equal width"):
         past.stacked_parts(parts, torch.device("cpu"))
+
+
+def test_vector_width_finds_aligned_runs() -> None:
+    from kvfold.attention_backends.vqkv.reference import rope_branches
+
+    assert past.vector_width(torch.stack(rope_branches(128))) == 8  # runs of 32 at multiples of 32
+    assert past.vector_width(torch.arange(64).view(16, 4)) == 4  # groups of 4 dims
+    assert past.vector_width(torch.arange(2, 10).view(1, 8)) == 2  # contiguous but not 4-aligned
+    assert past.vector_width(torch.tensor([[0, 1, 3, 2]])) == 1  # shuffled
+
+
+@pytest.mark.triton
+def test_sixteen_bit_codebooks_stay_within_a_rounding(monkeypatch) -> None:
+    """BOOK_16BIT (a benchmark setting): each codeword rounded to bf16 once more before the float32
+    sum, so a coded element may differ from read_past's by a few bf16 roundings of its terms."""
+    monkeypatch.setattr(past, "BOOK_16BIT", True)
+    _, _, _, cache, rows, _, layout, books = make_step(torch.bfloat16, 128, 2, 1, 16)
+    computed = 299
+    want_k, want_v = past.read_past(cache, rows[5], computed, layout, books)
+    k = torch.empty(computed, 2, 128, dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    past.past_into(cache, rows[5], computed, layout, books, k, v)
+    for got, want in ((k, want_k), (v, want_v)):
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert 0 < err < 2e-2

@@ -30,8 +30,11 @@ from kvfold.attention_backends.vqkv.pages import PageLayout, read_cells
 from kvfold.attention_backends.vqkv.rebuild import rebuild
 from kvfold.attention_backends.vqkv.reference import CODEBOOK_SIZE, LayerCodebooks, ResidualCodebook
 
-BLOCK_T = 64  # positions per program: [64, parts, width] float32 is 32 registers a thread at 4 warps
+BLOCK_T = 64  # positions per program: [64, parts, width] float32 is 64 registers a thread at 4 warps
 NUM_WARPS = 4
+# The stacked codewords in the model's 16-bit type (sums stay float32): half the L2 gather bytes, at
+# one more rounding of each codeword. Off: the rebuild equals read_past's float32 sums rounded once.
+BOOK_16BIT = False
 
 
 def _rebuild_past(
@@ -43,6 +46,7 @@ def _rebuild_past(
     RESERVED: tl.constexpr, PAGE: tl.constexpr, CELL: tl.constexpr,  # noqa: N803
     PER_ENTRY: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,  # noqa: N803
     OFFSET: tl.constexpr, SIZE: tl.constexpr, BOOK: tl.constexpr, BLOCK_T: tl.constexpr,  # noqa: N803
+    VEC: tl.constexpr,  # noqa: N803
 ):
     h = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -51,6 +55,8 @@ def _rebuild_past(
     offs_w = tl.arange(0, BLOCK_W)
     mask_pw = (offs_p < PARTS)[:, None] & (offs_w < WIDTH)[None, :]
     dims = tl.load(Dims + offs_p[:, None] * BLOCK_W + offs_w[None, :], mask=mask_pw, other=0)  # [P, W]
+    if VEC > 1:  # runs of VEC consecutive dims starting at multiples of VEC: vector stores
+        dims = tl.max_contiguous(tl.multiple_of(dims, [1, VEC]), [1, VEC])
     head_cells = Cache + h * stride_ch
 
     block = tl.load(Row + RESERVED + offs_t // PAGE, mask=mask_t, other=0).to(tl.int64)
@@ -61,23 +67,25 @@ def _rebuild_past(
         code = tl.load(cells[:, None] + CODE0 + offs_p[None, :] * STAGES + s, mask=mask_tp, other=0)
         rows = (offs_p[None, :] * STAGES + s) * BOOK + code.to(tl.int32)  # [T, P]
         acc += tl.load(Book + rows[:, :, None] * BLOCK_W + offs_w[None, None, :],
-                       mask=mask_tp[:, :, None] & mask_pw[None, :, :], other=0.0)
+                       mask=mask_tp[:, :, None] & mask_pw[None, :, :], other=0.0).to(tl.float32)
 
-    # Sink and recent positions: the ring's exact bytes (pages.PageLayout.pack_exact's order).
-    exact = mask_t & ((offs_t < SINK) | (offs_t >= recent_from))
-    if RECENT > 0:
-        entry = tl.where(offs_t < SINK, offs_t, SINK + (offs_t - SINK) % RECENT)
-    else:
-        entry = offs_t
-    mask_e = exact[:, None, None] & mask_pw[None, :, :]
-    nbytes = (OFFSET + dims[None, :, :]) * SIZE
-    ring_cells = entry[:, None, None] * PER_ENTRY + nbytes // CELL
-    ring_blocks = tl.load(Row + ring_cells // PAGE, mask=mask_e, other=0).to(tl.int64)
-    ptrs = head_cells + ring_blocks * stride_cb + (ring_cells % PAGE) * stride_cs + nbytes % CELL
     dtype = Out.dtype.element_ty  # the ring's dtype (``usable``)
-    exact_values = tl.load(ptrs.to(tl.pointer_type(dtype)), mask=mask_e, other=0.0)
-
-    result = tl.where(mask_e, exact_values.to(tl.float32), acc)
+    result = acc
+    t0 = tl.program_id(0) * BLOCK_T
+    if (t0 < SINK) | (t0 + BLOCK_T > recent_from):  # most tiles hold no exact position
+        # Sink and recent positions: the ring's exact bytes (pages.PageLayout.pack_exact's order).
+        exact = mask_t & ((offs_t < SINK) | (offs_t >= recent_from))
+        if RECENT > 0:
+            entry = tl.where(offs_t < SINK, offs_t, SINK + (offs_t - SINK) % RECENT)
+        else:
+            entry = offs_t
+        mask_e = exact[:, None, None] & mask_pw[None, :, :]
+        nbytes = (OFFSET + dims[None, :, :]) * SIZE
+        ring_cells = entry[:, None, None] * PER_ENTRY + nbytes // CELL
+        ring_blocks = tl.load(Row + ring_cells // PAGE, mask=mask_e, other=0).to(tl.int64)
+        ptrs = head_cells + ring_blocks * stride_cb + (ring_cells % PAGE) * stride_cs + nbytes % CELL
+        exact_values = tl.load(ptrs.to(tl.pointer_type(dtype)), mask=mask_e, other=0.0)
+        result = tl.where(mask_e, exact_values.to(tl.float32), acc)
     out = Out + offs_t[:, None, None].to(tl.int64) * stride_ot + h * stride_oh + dims[None, :, :]
     tl.store(out, result.to(dtype), mask=mask_t[:, None, None] & mask_pw[None, :, :])
 
@@ -94,9 +102,10 @@ def _kernel() -> Any:
     return _jitted[interpret]
 
 
-def stacked_parts(parts: list[ResidualCodebook], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codewords [parts * stages, 256, BLOCK_W], dims [parts, BLOCK_W])`` float32 / int32, the
-    width padded to a power of two with zeros, converted once per layer."""
+def stacked_parts(parts: list[ResidualCodebook], device: torch.device, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codewords [parts * stages, 256, BLOCK_W], dims [parts, BLOCK_W])`` in ``dtype`` / int32,
+    the width padded to a power of two with zeros, converted once per layer."""
     stages, width = parts[0].stages, parts[0].dims.numel()
     if any(p.stages != stages or p.dims.numel() != width for p in parts):
         raise ValueError("VQKV's prefill kernel needs parts (key branches, value groups) of equal width "
@@ -104,7 +113,7 @@ def stacked_parts(parts: list[ResidualCodebook], device: torch.device) -> tuple[
     block_w = _pow2(width)
 
     def book() -> torch.Tensor:
-        words = torch.cat([p.codewords.to(device, torch.float32) for p in parts])
+        words = torch.cat([p.codewords.to(device, torch.float32) for p in parts]).to(dtype)
         return torch.nn.functional.pad(words, (0, block_w - width)).contiguous()
 
     def dims() -> torch.Tensor:
@@ -112,8 +121,22 @@ def stacked_parts(parts: list[ResidualCodebook], device: torch.device) -> tuple[
         return torch.nn.functional.pad(stacked, (0, block_w - width)).contiguous()
 
     sources = tuple(p.codewords for p in parts) + tuple(p.dims for p in parts)
-    return (_once(sources, device, torch.float32, book, tag="past.book"),
+    return (_once(sources, device, dtype, book, tag="past.book"),
             _once(sources, device, torch.int32, dims, tag="past.dims"))
+
+
+def vector_width(dims: torch.Tensor, limit: int = 8) -> int:
+    """The largest power of two ``v <= limit`` such that every row of ``dims [parts, width]`` is runs
+    of ``v`` consecutive dims, each starting at a multiple of ``v`` (1 for shuffled dims)."""
+    dims = dims.cpu().long()
+    v = limit
+    while v > 1:
+        runs = dims.view(dims.shape[0], -1, v) if dims.shape[1] % v == 0 else None
+        if runs is not None and bool((runs[..., 0] % v == 0).all()) and bool(
+                (runs - runs[..., :1] == torch.arange(v)).all()):
+            return v
+        v //= 2
+    return 1
 
 
 def usable(cache: torch.Tensor, layout: PageLayout, dtype: torch.dtype) -> bool:
@@ -145,8 +168,12 @@ def past_into(
     for parts, out, offset in ((books.key, key_out, 0), (books.value, value_out, layout.head_size)):
         if out.stride(-1) != 1:
             raise ValueError("past_into writes rows with contiguous head dims")
-        book, dims = stacked_parts(parts, cache.device)
+        book_dtype = out.dtype if BOOK_16BIT and out.dtype.itemsize == 2 else torch.float32
+        book, dims = stacked_parts(parts, cache.device, book_dtype)
         stages, width = parts[0].stages, parts[0].dims.numel()
+        vec = _once(tuple(p.dims for p in parts), torch.device("cpu"), torch.int8,
+                    lambda: torch.tensor(vector_width(torch.stack([p.dims.cpu() for p in parts]))),
+                    tag="past.vec")
         _kernel()[(-(-computed // BLOCK_T), num_kv_heads)](
             cache, row, book, dims, out,
             computed, recent_from,
@@ -155,7 +182,7 @@ def past_into(
             BLOCK_W=dims.shape[1], RESERVED=layout.reserved_blocks, PAGE=cache.shape[2],
             CELL=layout.num_codes, PER_ENTRY=layout.cells_per_entry, SINK=layout.sink,
             RECENT=layout.recent, OFFSET=offset, SIZE=layout.dtype.itemsize, BOOK=CODEBOOK_SIZE,
-            BLOCK_T=BLOCK_T, num_warps=NUM_WARPS,
+            BLOCK_T=BLOCK_T, VEC=int(vec), num_warps=NUM_WARPS,
         )
         code0 += len(parts) * stages
 
