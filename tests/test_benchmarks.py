@@ -476,6 +476,16 @@ def test_vqkv_prefill_benchmark_runs_interpreted_without_vllm(tmp_path: Path) ->
     assert entry["past_bytes"] == 600 * 8 * (32 + 4 * 128)
     assert entry["triton_speedup_vs_torch"] > 0 and entry["triton_past_GB_per_s"] > 0
 
+    from benchmarks.vqkv_prefill_summary import main as summarize
+
+    summary_path = tmp_path / "summary.json"
+    assert summarize(["--out", str(summary_path), f"run={out}", f"again={out}"]) == 0
+    first, second = json.loads(summary_path.read_text())
+    assert (first["label"], second["label"]) == ("run", "again") and sorted(first["contexts"]) == ["600"]
+    assert first["contexts"]["600"]["triton_past_ms"] == entry["triton_past_ms"]["median"]
+    assert first["contexts"]["600"]["write_ms"] == entry["write_ms"]["median"]
+    assert summary_path.with_suffix(".png").stat().st_size > 0
+
 
 def test_vqkv_kernel_benchmark_restates_the_backends_defaults() -> None:
     # The benchmark cannot import options.py (pydantic) or backend.py (vLLM); its copies must agree.
