@@ -9,7 +9,11 @@ on the same GPU, is what vLLM's FLASH_ATTN does for that layer: ``reshape_and_ca
 new token into a bf16 paged cache, then ``flash_attn_varlen_func`` over the block table.
 
 Milliseconds are per layer; a model step multiplies them by the layer count and adds the rest of
-the model (the same for every backend). VQKV runs on random codebooks of the model's shape, and
+the model (the same for every backend). ``decode_step_ms`` times one ``forward`` on fresh step
+metadata, so a backend's once-per-step host work (batch planning and copies it caches in the
+step's metadata for the other layers) counts whole in every number; ``decode_step_amortized_ms``
+times ``--layers`` forwards on the same step's metadata (the model's layer count by default) and
+divides by it, as a served step spreads that work over its layers. VQKV runs on random codebooks of the model's shape, and
 FourierAttention on dims chosen at random in the paper's middle-layer shares (80% of K and V dims;
 the paper's sink 4, recent 1,020, k = 512 unless given): their cost depends on the shapes, not on
 the values. FourierAttention's dims file and cache arena cover every layer of a model, so it runs
@@ -158,6 +162,7 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
     total = args.context + (args.decode_steps + 2) * len(batches) + 16
     if name not in KVFOLD_BACKENDS:
         raise ValueError(f"{name} is not a kvfold backend")
+    layers = layers_for(args, model_dir)  # the full model's (FourierAttention runs a one-layer copy)
     if name == "KVFOLD_TREEKV":
         options: dict[str, Any] = {"budget": args.budget, "positions": args.treekv_positions}
     elif name == "KVFOLD_FOURIER":
@@ -181,7 +186,8 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
         reserved = impl.arena.layout.reserved_blocks
     done = [0] * reqs
 
-    def step(rows: list[tuple[int, int]]) -> Callable[[], None]:
+    def step(rows: list[tuple[int, int]], layers: int = 1) -> Callable[[], None]:
+        """One step's forward, ``layers`` times on the same metadata (the layers of a model step)."""
         md = metadata([(r, done[r], n) for r, n in rows], tables, reserved, dev)
         tokens = md.num_actual_tokens
         q = torch.randn(tokens, heads, head_dim, device=dev, dtype=torch.bfloat16)
@@ -190,7 +196,11 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
         out = torch.empty_like(q)
         for r, n in rows:
             done[r] += n
-        return lambda: impl.forward(LAYER, q, k, v, cache, md, out)
+
+        def forward() -> None:
+            for _ in range(layers):
+                impl.forward(LAYER, q, k, v, cache, md, out)
+        return forward
 
     chunk_ms: list[float] = []
     for r in range(reqs):
@@ -198,12 +208,14 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
             n = min(args.chunk, args.context - done[r])
             chunk_ms += timed(lambda: step([(r, n)]), 1)
     report: dict = {"options": {k: v for k, v in options.items() if k != "codebooks"},
-                    "prefill_chunk_ms": summary(chunk_ms), "decode_step_ms": {}}
+                    "prefill_chunk_ms": summary(chunk_ms), "decode_step_ms": {}, "decode_step_amortized_ms": {}}
     for batch in batches:
         rows = [(r, 1) for r in range(batch)]
         for _ in range(2):  # warm-up: kernel compiles and graph capture for this shape
             step(rows)()
         report["decode_step_ms"][str(batch)] = summary(timed(lambda: step(rows), args.decode_steps))
+        report["decode_step_amortized_ms"][str(batch)] = per_layer(
+            timed(lambda: step(rows, layers), args.amortized_steps), layers)
     if name == "KVFOLD_FOURIER":
         from kvfold.attention_backends.fourier.kernels import compiled_stats
 
@@ -211,6 +223,15 @@ def run_kvfold(name: str, model_dir: Path, args: argparse.Namespace, dev: torch.
     if args.profile:
         profile_steps(lambda: step([(r, 1) for r in range(batches[-1])]), args.profile, name)
     return report
+
+
+def layers_for(args: argparse.Namespace, model_dir: Path) -> int:
+    """``--layers``, or the model's layer count."""
+    return args.layers or int(load_config(model_dir)["num_hidden_layers"])
+
+
+def per_layer(times: list[float], layers: int) -> dict[str, float]:
+    return {**summary([t / layers for t in times]), "layers": layers}
 
 
 def profile_steps(make: Callable[[], Callable[[], Any]], path: Path, name: str, steps: int = 5) -> None:
@@ -257,7 +278,8 @@ def run_flash(model_dir: Path, args: argparse.Namespace, dev: torch.device, wind
     value_cache = torch.randn_like(key_cache)
     tables = (1 + torch.arange(reqs * blocks, device=dev, dtype=torch.int32)).view(reqs, blocks)
     one = torch.ones((), device=dev)
-    report: dict = {"decode_step_ms": {}}
+    layers = layers_for(args, model_dir)
+    report: dict = {"decode_step_ms": {}, "decode_step_amortized_ms": {}}
     for batch in batches:
         seq_lens = torch.full((batch,), args.context + 1, device=dev, dtype=torch.int32)
         cu_q = torch.arange(batch + 1, device=dev, dtype=torch.int32)
@@ -278,9 +300,14 @@ def run_flash(model_dir: Path, args: argparse.Namespace, dev: torch.device, wind
                     window_size=[window - 1, 0] if window else None)
             return forward
 
+        def make_layers() -> Callable[[], None]:
+            forward = make()
+            return lambda: [forward() for _ in range(layers)]
+
         for _ in range(2):
             make()()
         report["decode_step_ms"][str(batch)] = summary(timed(make, args.decode_steps))
+        report["decode_step_amortized_ms"][str(batch)] = per_layer(timed(make_layers, args.amortized_steps), layers)
     return report
 
 
@@ -311,6 +338,9 @@ def run(args: argparse.Namespace) -> dict:
             result["decode_vs_flash_attn"] = {
                 b: result["decode_step_ms"][b]["median"] / base["decode_step_ms"][b]["median"]
                 for b in result["decode_step_ms"]}
+            amortized, base_amortized = result.get("decode_step_amortized_ms", {}), base.get("decode_step_amortized_ms", {})
+            result["amortized_vs_flash_attn"] = {
+                b: amortized[b]["median"] / base_amortized[b]["median"] for b in amortized if b in base_amortized}
     return report
 
 
@@ -347,12 +377,17 @@ def plot(report: dict, path: Path) -> None:
         if not steps:
             continue
         batches = sorted(steps, key=int)
-        ax.plot([int(b) for b in batches], [steps[b]["median"] for b in batches], marker="o", label=name)
+        line = ax.plot([int(b) for b in batches], [steps[b]["median"] for b in batches], marker="o", label=name)[0]
+        amortized = result.get("decode_step_amortized_ms", {})
+        if amortized:
+            ax.plot([int(b) for b in batches if b in amortized], [amortized[b]["median"] for b in batches if b in amortized],
+                    linestyle="--", marker=".", color=line.get_color(),
+                    label=f"{name}, step's host work over {next(iter(amortized.values()))['layers']} layers")
     ax.set(xscale="log", yscale="log", xlabel="requests decoding together",
            ylabel="ms per layer per decode step",
            title=f"{report['model']}, {report['context']} tokens each, {report['device']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -372,6 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fourier-recent", type=int, default=1020, help="KVFOLD_FOURIER's exact recent tokens")
     p.add_argument("--fourier-freqs", type=int, default=512, help="KVFOLD_FOURIER's k")
     p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--layers", type=int, default=0,
+                   help="forwards per step for decode_step_amortized_ms (0: the model's layer count)")
+    p.add_argument("--amortized-steps", type=int, default=5, help="steps timed for decode_step_amortized_ms")
     p.add_argument("--fa-version", type=int, default=3, help="3 on Hopper, as vLLM picks there")
     p.add_argument("--device", default="cuda", help="cpu only to try this script (no baseline)")
     p.add_argument("--replot", type=Path, help="only redraw the plot of this result JSON")

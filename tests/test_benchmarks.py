@@ -376,12 +376,17 @@ def test_decode_step_runs_each_kvfold_backend_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "decode-step.json"
     assert decode_step.main(["--device", "cpu", "--context", "1100", "--chunk", "1024", "--batches",
                              "1,2", "--decode-steps", "2", "--budget", "512", "--fourier-recent", "60",
-                             "--fourier-freqs", "16", "--out", str(out)]) == 0
+                             "--fourier-freqs", "16", "--layers", "3", "--amortized-steps", "2",
+                             "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     for name in decode_step.KVFOLD_BACKENDS:
         result = report["backends"][name]
         assert sorted(result["decode_step_ms"]) == ["1", "2"]
         assert all(t["median"] > 0 and t["steps"] == 2 for t in result["decode_step_ms"].values())
+        # Three forwards per timed step on one step's metadata, reported per layer.
+        assert sorted(result["decode_step_amortized_ms"]) == ["1", "2"]
+        assert all(t["median"] > 0 and t["steps"] == 2 and t["layers"] == 3
+                   for t in result["decode_step_amortized_ms"].values())
         assert result["prefill_chunk_ms"]["steps"] == 2 * 2  # two requests, two chunks each
     assert out.with_suffix(".png").stat().st_size > 0
     for baseline in ("FLASH_ATTN", "SLIDING_WINDOW_2048"):
