@@ -4,8 +4,9 @@ A cached token is ``num_codes`` one-byte indices (key branch 0's stages, key bra
 value's; ``reference.LayerCodebooks``). Two facts make attention over codes cheap:
 
 * keys: ``q . k = sum_j q[dims(j)] . codeword_j[code_j]``, so one lookup table per query head,
-  ``[key_codes, 256]`` float32 (:func:`key_tables`, a few KiB, computed once per step), turns a
-  token's score into ``key_codes`` gathers and adds. It is exact for the rotated keys vLLM hands
+  ``[key_codes, 256]`` (:func:`key_tables`, a few KiB, computed once per step; the kernel reads
+  them in float16 for 16-bit models, :func:`table_dtype`), turns a token's score into
+  ``key_codes`` gathers and adds. It is exact for the rotated keys vLLM hands
   the backend, since the codebooks quantize post-RoPE keys;
 * values: a tile's values are rebuilt in registers as the sum of the value stages' codeword rows,
   gathered from the layer's value codebooks (``[groups * stages, 256, Dv / groups]``, L2-resident).
@@ -23,7 +24,8 @@ Cost: rebuilding values reads ``stages * Dv`` codebook elements from L2 per toke
 (4 KiB at one group of 16 stages, Dv 128, bf16), 8x the bytes dense bf16 K/V reads from HBM. On an
 H100 the kernel runs at about 5 TB/s of such L2 reads, so with one value group it is ~4-6x slower
 than dense bf16 decode attention (torch SDPA) at batch >= 16; more value groups cut those reads
-(``docs/vqkv.md`` has the measurements).
+(``docs/vqkv.md`` has the measurements). With the default 16 one-stage groups and float16 tables,
+two thirds of the step are the key-table gathers and the code reads.
 """
 
 from __future__ import annotations
@@ -205,12 +207,19 @@ def _decode_split(
         # Values of the tile, dequantized in registers: the sum of the stages' codeword rows
         # (rows past the range read codeword 0 and get p = 0). Value code (group g, stage s) is
         # column KC + g * VS + s of a cell; its codewords are VBook rows (g * VS + s) * BOOK + code.
-        values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
         if VG == 1:
+            values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
             for s in range(VS):
                 code = tl.load(cells + (KC + s) * stride_cc, mask=mask_n, other=0).to(tl.int32)
                 rows = VBook + (s * BOOK + code[:, None]) * DV + offs_dv[None, :]
                 values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
+        elif VECTOR and VS == 1:  # one codeword per (token, group): loaded in the book's dtype, no sum
+            offs_vg = tl.arange(0, VG)
+            offs_dg = tl.arange(0, DG)
+            codes = tl.load(cells[:, None] + (KC + offs_vg[None, :]) * stride_cc,
+                            mask=mask_n[:, None], other=0).to(tl.int32)  # [BLOCK_N, VG]
+            firsts = (offs_vg[None, :] * BOOK + codes) * DG
+            values = tl.reshape(tl.load(VBook + firsts[:, :, None] + offs_dg[None, None, :]), [BLOCK_N, BLOCK_DV])
         elif VECTOR:  # VG * DG == BLOCK_DV == DV, powers of two
             offs_vg = tl.arange(0, VG)
             offs_dg = tl.arange(0, DG)
@@ -222,6 +231,7 @@ def _decode_split(
                 parts += tl.load(VBook + firsts[:, :, None] + offs_dg[None, None, :]).to(tl.float32)
             values = tl.reshape(parts, [BLOCK_N, BLOCK_DV])
         else:
+            values = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
             group = offs_dv // DG
             within = offs_dv % DG
             for s in range(VS):
@@ -230,7 +240,7 @@ def _decode_split(
                 rows = VBook + ((group[None, :] * VS + s) * BOOK + code) * DG + within[None, :]
                 values += tl.load(rows, mask=mask_dv[None, :], other=0.0).to(tl.float32)
         if UPCAST:
-            pv = tl.dot(p, values, input_precision=PRECISION)
+            pv = tl.dot(p, values.to(tl.float32), input_precision=PRECISION)
         else:  # the codebook's dtype: float32 (IEEE dot) or the model's 16-bit type (tensor cores)
             dt = VBook.dtype.element_ty
             pv = tl.dot(p.to(dt), values.to(dt), input_precision=PRECISION)
@@ -350,6 +360,18 @@ def key_codebook_matrix(books: LayerCodebooks, device: torch.device) -> torch.Te
     return _once(sources, device, torch.float32, make)
 
 
+def table_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The lookup tables' dtype: float16 for 16-bit models, float32 otherwise.
+
+    Half-size tables double how many of the step's tables stay in L1/L2 next to the value
+    codebooks: at 170 requests of 32k the kernel took 0.72x the time with them (H100). float16,
+    not bfloat16: a table entry is a partial score, well inside its range, and its 11-bit mantissa
+    rounds it ~8x finer than the bfloat16 keys a dense backend multiplies. Float32 models keep
+    float32 tables, so their kernel still matches the specification to float32 rounding.
+    """
+    return torch.float32 if model_dtype == torch.float32 else torch.float16
+
+
 def value_layout(books: LayerCodebooks) -> tuple[int, int, int]:
     """``(groups, stages per group, dims per group)`` of the kernel's value codebooks; its output
     columns are the groups' dims in turn (:func:`_output_order`)."""
@@ -458,11 +480,11 @@ def decode_attention(
     tables = (scaled @ key_codebook_matrix(books, dev)).view(num_reqs, num_heads, books.key_codes, -1)
     rows_p = _pow2(group) if EXACT_KEY_ROWS else max(16, _pow2(group))
     heads_inner = HEADS_INNER and EXACT_KEY_ROWS
+    book_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
     if heads_inner:  # [R, Hk, key_codes * 256, rows_p], padded heads 0
         grouped = tables.view(num_reqs, num_kv_heads, group, -1).transpose(-1, -2)
-        tables = torch.zeros(*grouped.shape[:-1], rows_p, device=dev)
+        tables = torch.zeros(*grouped.shape[:-1], rows_p, device=dev, dtype=table_dtype(query.dtype))
         tables[..., :group] = grouped
-    book_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
     vbook = value_codebook(books, dev, book_dtype)
     block_table = block_table.to(dev, torch.int32)
     if block_table.stride(-1) != 1:
