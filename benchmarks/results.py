@@ -40,6 +40,10 @@ class Capacity(BaseModel):
     max_concurrency: float
 
 
+# vLLM admits a waiting request only when its blocks fit, so a KV-bound server sits just below full.
+KV_BOUND_USAGE = 0.9
+
+
 class ServerStats(BaseModel):
     """What the server's own ``/metrics`` showed during one workload (polled about once a second).
 
@@ -61,6 +65,19 @@ class ServerStats(BaseModel):
     preemptions: float | None = None
     output_tok_per_s: float | None = None
     kvfold: dict[str, float] = Field(default_factory=dict)
+
+    def kv_bound(self) -> bool | None:
+        """Whether the KV cache limited admission during the workload: vLLM preempted a request, or
+        its KV use reached :data:`KV_BOUND_USAGE` while requests waited. None when not polled.
+
+        A workload meant to compare capacities says nothing about them when the reference backend was
+        not KV-bound (long prompts in small chunks are prefill-bound: few requests get past prefill
+        before the first ones finish)."""
+        if self.max_kv_cache_usage is None:
+            return None
+        if self.preemptions:
+            return True
+        return self.max_kv_cache_usage >= KV_BOUND_USAGE and bool(self.max_waiting)
 
 
 class WorkloadResult(BaseModel):

@@ -34,6 +34,7 @@ from benchmarks.model_dirs import load_config, model_names, prepare, write_shape
 from benchmarks.results import (
     BackendResult,
     Capacity,
+    ServerStats,
     ServingRun,
     WorkloadResult,
     save,
@@ -339,7 +340,13 @@ def summary(result: WorkloadResult) -> str:
                      f"{v.get('median_ttft_ms', 0):.0f} ms, TPOT median {v.get('median_tpot_ms', 0):.1f} ms")
     if s is not None and s.max_running is not None:
         parts.append(f"server: max running {s.max_running:.0f}, output {s.output_tok_per_s or 0:.0f} tok/s")
+    if s is not None and s.max_kv_cache_usage is not None:
+        parts.append(f"peak KV use {s.max_kv_cache_usage:.0%} ({kv_bound_label(s)})")
     return "; ".join(parts) or (result.reason or "")
+
+
+def kv_bound_label(stats: ServerStats) -> str:
+    return {True: "KV-bound", False: "not KV-bound", None: "KV use not polled"}[stats.kv_bound()]
 
 
 def run_backend(ctx: Context, name: str, workloads: dict[str, Workload], common: list[str]) -> None:
@@ -502,8 +509,10 @@ def print_table(run: ServingRun) -> None:
         for wl_name, wl in b.workloads.items():
             out = wl.vllm.get("output_throughput")
             r = ratio.get("workloads", {}).get(wl_name, {}).get("output_throughput")
+            bound = wl.server.kv_bound() if wl.server is not None else None
             wls.append(f"{wl_name}: " + (f"{out:.0f}" if isinstance(out, (int, float)) else wl.status)
-                       + (f" (x{r:.2f})" if r else ""))
+                       + (f" (x{r:.2f})" if r else "") + {True: " KV-bound", False: " not KV-bound",
+                                                          None: ""}[bound])
         print(f"{name:23s} {b.status:8s} {cap.kv_tokens if cap else '-':>10} "
               f"{cap.max_concurrency if cap else '-':>9} {b.startup_s or '-':>10}  " + ", ".join(wls))
 

@@ -237,6 +237,26 @@ def test_vllm_result_parsing_and_ratios(tmp_path: Path) -> None:
     serving.print_table(again)  # the summary printed at the end of a run
 
 
+def test_kv_bound_tells_a_capacity_limited_workload_from_a_prefill_bound_one(capsys) -> None:
+    stats = results.ServerStats
+    # The sixth H100 session's FLASH_ATTN on 28 x 32k with 1,024-token chunks: KV use peaked at 62%
+    # while 27 waited, so its 14-request capacity never limited admission.
+    assert stats(max_kv_cache_usage=0.621, max_waiting=27.0, preemptions=0.0).kv_bound() is False
+    assert stats(max_kv_cache_usage=0.97, max_waiting=12.0, preemptions=0.0).kv_bound() is True
+    assert stats(max_kv_cache_usage=0.97, max_waiting=0.0).kv_bound() is False  # full, nobody waiting
+    assert stats(max_kv_cache_usage=0.5, max_waiting=0.0, preemptions=3.0).kv_bound() is True
+    assert stats(max_running=4.0).kv_bound() is None
+    wl = results.WorkloadResult(workload=DEFAULT_WORKLOADS["long"], status="ok",
+                                vllm={"output_throughput": 151.2},
+                                server=stats(max_running=9.0, max_kv_cache_usage=0.621, max_waiting=27.0))
+    assert "peak KV use 62% (not KV-bound)" in serving.summary(wl)
+    run = _run()
+    run.backends["FLASH_ATTN"] = results.BackendResult(name="FLASH_ATTN", server_args=[], status="ok",
+                                                       workloads={"capacity": wl})
+    serving.print_table(run)
+    assert "capacity: 151 not KV-bound" in capsys.readouterr().out
+
+
 def test_append_keeps_the_earlier_command_and_refuses_another_setup() -> None:
     first = _run()
     first.environment = {"device": "NVIDIA H200"}
