@@ -74,6 +74,54 @@ def test_paged_steps_equal_the_reference(tiny_llama, codebook_dir, kernel: str) 
     run_paged_steps(make_config(tiny_llama, codebook_dir), "cpu")
 
 
+@pytest.mark.triton
+def test_padded_decode_batches_write_nothing_for_the_padding(tiny_llama, codebook_dir, monkeypatch) -> None:
+    """Decode-only steps write their tokens inside the decode graph, padded to a graph's batch
+    size (here 3 more requests than real, on request 0's block-table row at position -1): the
+    padding writes nothing and every real output stays the reference's."""
+    from kvfold.attention_backends.vqkv import backend
+
+    monkeypatch.setattr(backend, "bucket", lambda n: n + 3)
+    run_paged_steps(make_config(tiny_llama, codebook_dir), "cpu")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("recent", [RECENT, 0])
+def test_decode_only_steps_write_what_the_eager_write_does(tiny_llama, codebook_dir, monkeypatch,
+                                                           recent: int) -> None:
+    """The write inside the decode graph (decode-only steps) = ``write_step``, byte for byte, on a
+    cache of garbage; with no recent window only sink positions reach the ring."""
+    from kvfold.attention_backends.vqkv import backend
+
+    with set_current_vllm_config(make_config(tiny_llama, codebook_dir, recent=recent)):
+        impl = VQKVImpl(HQ, D, D**-0.5, HK)
+    num_codes = 2 * KEY_STAGES + VALUE_GROUPS * VALUE_STAGES
+    layout = PageLayout(num_codes, D, D, torch.float32, SINK, recent, BS)
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randint(0, 256, (500, HK, BS, num_codes), dtype=torch.uint8, generator=g)
+    # Requests decoding their tokens 2 (inside the sink), 40 and 700 (past the ring's first lap).
+    seq_lens = [3, 41, 701]
+    width = layout.reserved_blocks + -(-max(seq_lens) // BS)
+    rows = torch.randperm(cache.shape[0] - 1, generator=g)[: 3 * width].view(3, width) + 1
+    md = PagedMetadata(
+        num_reqs=3, num_actual_tokens=3, query_start_loc_cpu=torch.arange(4),
+        seq_lens_cpu=torch.tensor(seq_lens), block_table=rows.int(),
+        slot_mapping=torch.full((3,), -1), max_query_len=1, max_seq_len=max(seq_lens),
+    )
+    q, k, v = (torch.randn(3, h, D, generator=g) for h in (HQ, HK, HK))
+    eager_writes = []
+    write_step = backend.write_step
+    monkeypatch.setattr(backend, "write_step", lambda *a: eager_writes.append(a))
+    graphed = cache.clone()
+    impl.forward(LAYER, q, k, v, graphed, md, torch.empty(3, HQ, D))
+    assert eager_writes == []  # the decode step wrote its tokens itself
+    eager = cache.clone()
+    books = impl._layer_books(LAYER, torch.device("cpu"))
+    write_step(eager, k, v, backend.step_tokens(md, q.device), md, layout, books)
+    assert not torch.equal(eager, cache)
+    assert torch.equal(graphed, eager)
+
+
 def run_paged_steps(vllm_config: VllmConfig, device: str) -> None:
     """The check itself; tests/gpu/check_cuda.py runs it on CUDA too."""
     with set_current_vllm_config(vllm_config):

@@ -254,14 +254,21 @@ def vqkv_paged_steps(model: Path, report: dict) -> Path:
         value_stages=test_vqkv_paged.VALUE_STAGES, value_groups=test_vqkv_paged.VALUE_GROUPS))
     for layer in range(2):
         files.save_layer(books, layer, test_vqkv_paged.random_books(layer))
-    for graphs in ("strict", "0"):
+    from kvfold.attention_backends.vqkv import backend
+
+    bucket = backend.bucket
+    # Padded by 3 more requests than real: the filler (request 0's row, position -1) of the decode
+    # steps, which write their tokens inside the graph, must write nothing.
+    for graphs, padding in (("strict", 0), ("0", 0), ("strict", 3)):
         os.environ["KVFOLD_CUDA_GRAPHS"] = graphs
-        label = f"vqkv paged steps = reference (cuda, graphs {graphs})"
+        backend.bucket = (lambda n: n + padding) if padding else bucket
+        label = f"vqkv paged steps = reference (cuda, graphs {graphs}" + (f", padded by {padding})" if padding else ")")
         try:
             test_vqkv_paged.run_paged_steps(test_vqkv_paged.make_config(model, books), "cuda")
             report[label] = "passed"
         except Exception as exc:
             report[label] = {"error": repr(exc)[:2000]}
+    backend.bucket = bucket
     os.environ.pop("KVFOLD_CUDA_GRAPHS")
     return books
 

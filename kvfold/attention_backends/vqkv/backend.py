@@ -126,12 +126,21 @@ class VQKVImpl(KvfoldImpl):
             )
         return self._layout
 
-    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor,
-                seq_lens: torch.Tensor, *, longest: int) -> tuple[torch.Tensor]:
-        """The graphed part of a step's decoding: :func:`decode.decode_step` on this step's cache."""
+    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, table: torch.Tensor,
+                seq_lens: torch.Tensor, written: torch.Tensor, *, longest: int,
+                write: bool) -> tuple[torch.Tensor]:
+        """The graphed part of a step's decoding: :func:`decode.decode_step` on this step's cache,
+        then, with ``write``, the new tokens' codes and ring entries (request ``i`` of the batch at
+        ``written[i]``, negative for the padding). The write follows the attention: the new token
+        may take the ring entry of a position this step still reads."""
         kv_cache, layout, books = self._step
-        return (decode_step(query, key, value, kv_cache, rows, seq_lens, layout, books, self.scale,
-                            longest=longest),)
+        out = decode_step(query, key, value, kv_cache, table, seq_lens, layout, books, self.scale,
+                          longest=longest)
+        if write:
+            batch = torch.arange(query.shape[0], device=query.device)
+            encode_into(kv_cache, table, batch, written, layout.reserved_blocks, key, value, books)
+            ring.write_ring(kv_cache, table, batch, written, batch, key, value, layout)
+        return (out,)
 
     def attend(
         self,
@@ -145,16 +154,23 @@ class VQKVImpl(KvfoldImpl):
     ) -> None:
         layout = self._page_layout(kv_cache)
         books = self._layer_books(layer, query.device)
-        tokens = step_tokens(metadata, query.device)
         decode = decode_batch(metadata, layout, query.device)
+        # A step of decodes only writes its tokens inside the decode graph: eagerly, the write's
+        # three launches cost ~0.19 ms of host time per layer on an H100, 3x the graphed attention
+        # at one request. Mixed steps write every token after their prefill chunks, below.
+        written_in_graph = (decode is not None and decode[-1] == metadata.num_actual_tokens
+                            and triton_enabled(key.device) and ring.usable(key, kv_cache, layout))
         if decode is not None:
-            rows, starts, seq_lens, longest, num = decode
+            rows, starts, seq_lens, written, longest, num = decode
             self._step = (kv_cache, layout, books)
             (out,) = self._graphed_decode(
                 kv_cache_key(kv_cache), query[starts], key[starts], value[starts],
-                padded_table(metadata.block_table[rows]), seq_lens, longest=longest,
+                padded_table(metadata.block_table[rows]), seq_lens, written, longest=longest,
+                write=written_in_graph,
             )
             output[starts[:num]] = out[:num].to(output.dtype)
+        if written_in_graph:
+            return
         fast_past = triton_enabled(query.device) and past.usable(kv_cache, layout, key.dtype)
         for i, start, end, seq_len in metadata.requests():
             if end - start == 1:
@@ -175,19 +191,20 @@ class VQKVImpl(KvfoldImpl):
             out = prefill_attention(query[start:end], k, v, self.scale, computed)
             output[start:end] = out.to(output.dtype)
             del k, v, out
-        write_step(kv_cache, key, value, tokens, metadata, layout, books)
+        write_step(kv_cache, key, value, step_tokens(metadata, query.device), metadata, layout, books)
 
 
 def decode_batch(
     metadata: PagedMetadata, layout: PageLayout, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
-    """(rows, first query token, KV length, longest coded range, number of requests) of the step's
-    decoding requests, built on the host once per step for all layers (no device syncs), or None
-    without any.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+    """(rows, first query token, KV length, position of the new token, longest coded range, number
+    of requests) of the step's decoding requests, built on the host once per step for all layers
+    (no device syncs), or None without any.
 
-    The batch is padded (``graphs.bucket``) with requests of one token, no history and row 0, and
-    the longest range rounded up to whole tiles of :data:`LONGEST_STEP`, so that most steps have
-    the shapes of an earlier one and replay its CUDA graph."""
+    The batch is padded (``graphs.bucket``) with requests of one token, no history, row 0 and
+    position -1 (not written), and the longest range rounded up to whole tiles of
+    :data:`LONGEST_STEP`, so that most steps have the shapes of an earlier one and replay its CUDA
+    graph."""
     if "vqkv_decode" not in metadata.scratch:
         decoding = [i for i, start, end, _ in metadata.requests() if end - start == 1]
         batch = None
@@ -201,6 +218,7 @@ def decode_batch(
                      to_device(torch.cat([metadata.query_start_loc_cpu[decoding],
                                           torch.zeros(pad, dtype=torch.long)]), device),
                      to_device(torch.cat([seq_lens, torch.ones(pad, dtype=seq_lens.dtype)]), device),
+                     to_device(torch.cat([computed, torch.full((pad,), -1, dtype=computed.dtype)]), device),
                      longest, len(decoding))
         metadata.scratch["vqkv_decode"] = batch
     return metadata.scratch["vqkv_decode"]

@@ -63,6 +63,7 @@ def _encode_residual(
     if TO_CACHE:  # Codes is the paged cache: token t's cell is at its position's block and slot
         request = tl.load(Request + token, mask=mask_r, other=0).to(tl.int64)
         position = tl.load(Positions + token, mask=mask_r, other=0).to(tl.int64)
+        mask_r = mask_r & (position >= 0)  # a padded batch's filler tokens
         block = tl.load(Table + request * stride_tab + reserved + position // PAGE, mask=mask_r, other=0)
         code_rows = (Codes + block.to(tl.int64) * stride_ct + head * stride_ch + (position % PAGE) * stride_cs
                      + code_offset)
@@ -140,7 +141,8 @@ def encode_into(cache: torch.Tensor, table: torch.Tensor, request: torch.Tensor,
                 reserved_blocks: int, key: torch.Tensor, value: torch.Tensor, books: LayerCodebooks) -> None:
     """Encodes ``key``/``value [T, H, D]`` straight into their cells of the paged ``cache``
     ``[blocks, H, block_size, C]`` uint8: token ``t`` (of request ``request[t]`` at ``positions[t]``)
-    goes to slot ``p % block_size`` of block ``table[request[t], reserved_blocks + p // block_size]``.
+    goes to slot ``p % block_size`` of block ``table[request[t], reserved_blocks + p // block_size]``;
+    a token at a negative position is not written (the filler of a batch padded for a CUDA graph).
     No codes tensor and no scatter: one launch per shape of codebook, where the host time of the
     step's write mattered (eager decode steps)."""
     if cache.stride(-1) != 1:

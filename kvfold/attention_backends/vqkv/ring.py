@@ -143,15 +143,20 @@ def _write_ring(
     h = tl.program_id(1)
     row = Table + tl.load(Request + t).to(tl.int64) * stride_tab
     p = tl.load(Positions + t).to(tl.int64)
+    # Only positions the ring keeps (a decode step's new token always is, unless RECENT is 0) and no
+    # negative ones (the filler of a batch padded for a CUDA graph), so callers may pass every token.
     if RECENT > 0:
         entry = tl.where(p < SINK, p, SINK + (p - SINK) % RECENT)
+        keep = p >= 0
     else:
         entry = p
+        keep = (p >= 0) & (p < SINK)
     dtype = Key.dtype.element_ty
     head_cells = Cache + h * stride_ch
     # The key's bytes first, then the value's (pack_exact's order).
+    # An integer bound rather than `& keep`: Triton's interpreter rejects a scalar-and-tensor mask.
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
+    mask = offs < tl.where(keep, D, 0)
     nbytes = offs * SIZE
     cells = entry * PER_ENTRY + nbytes // CELL
     blocks = tl.load(row + cells // PAGE, mask=mask, other=0).to(tl.int64)
@@ -159,7 +164,7 @@ def _write_ring(
     tl.store(target.to(tl.pointer_type(dtype)), tl.load(Key + t * stride_kt + h * stride_kh + offs, mask=mask),
              mask=mask)
     offs = tl.arange(0, BLOCK_DV)
-    mask = offs < DV
+    mask = offs < tl.where(keep, DV, 0)
     nbytes = (D + offs) * SIZE
     cells = entry * PER_ENTRY + nbytes // CELL
     blocks = tl.load(row + cells // PAGE, mask=mask, other=0).to(tl.int64)
@@ -184,7 +189,8 @@ def write_ring(cache: torch.Tensor, table: torch.Tensor, request: torch.Tensor, 
                kept: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PageLayout) -> None:
     """``key``/``value [T, Hk, D]`` of the step's tokens ``kept`` (indices the ring keeps) into their
     ring entries (``PageLayout.ring_index``) in the reserved blocks of ``table[request[t]]``: what
-    ``pack_exact`` and ``write_cells`` do, in one launch. Needs :func:`usable` (with ``key``)."""
+    ``pack_exact`` and ``write_cells`` do, in one launch. Tokens the ring does not keep and tokens at
+    negative positions are skipped. Needs :func:`usable` (with ``key``)."""
     if kept.numel() == 0 or layout.ring_entries == 0:
         return
     num_kv_heads = key.shape[1]
