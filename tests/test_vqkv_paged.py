@@ -86,11 +86,13 @@ def test_padded_decode_batches_write_nothing_for_the_padding(tiny_llama, codeboo
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("recent", [RECENT, 0])
-def test_decode_only_steps_write_what_the_eager_write_does(tiny_llama, codebook_dir, monkeypatch,
-                                                           recent: int) -> None:
-    """The write inside the decode graph (decode-only steps) = ``write_step``, byte for byte, on a
-    cache of garbage; with no recent window only sink positions reach the ring."""
+@pytest.mark.parametrize(("recent", "prefill"), [(RECENT, 0), (0, 0), (RECENT, 5)])
+def test_decode_tokens_written_in_the_graph_equal_the_eager_write(tiny_llama, codebook_dir, monkeypatch,
+                                                                  recent: int, prefill: int) -> None:
+    """Decode tokens are written inside the decode graph, a prefill chunk's tokens after it: the
+    cache ends as ``write_step`` of every token leaves it, byte for byte, on a cache of garbage; a
+    step of decodes only writes nothing eagerly. With no recent window only sink positions reach
+    the ring."""
     from kvfold.attention_backends.vqkv import backend
 
     with set_current_vllm_config(make_config(tiny_llama, codebook_dir, recent=recent)):
@@ -98,23 +100,28 @@ def test_decode_only_steps_write_what_the_eager_write_does(tiny_llama, codebook_
     num_codes = 2 * KEY_STAGES + VALUE_GROUPS * VALUE_STAGES
     layout = PageLayout(num_codes, D, D, torch.float32, SINK, recent, BS)
     g = torch.Generator().manual_seed(3)
-    cache = torch.randint(0, 256, (500, HK, BS, num_codes), dtype=torch.uint8, generator=g)
-    # Requests decoding their tokens 2 (inside the sink), 40 and 700 (past the ring's first lap).
-    seq_lens = [3, 41, 701]
+    cache = torch.randint(0, 256, (600, HK, BS, num_codes), dtype=torch.uint8, generator=g)
+    # Requests decoding their tokens 2 (inside the sink), 40 and 700 (past the ring's first lap),
+    # and with ``prefill``, one more prefilling tokens 30 to 34.
+    counts = [1, 1, 1] + ([prefill] if prefill else [])
+    seq_lens = [3, 41, 701] + ([30 + prefill] if prefill else [])
     width = layout.reserved_blocks + -(-max(seq_lens) // BS)
-    rows = torch.randperm(cache.shape[0] - 1, generator=g)[: 3 * width].view(3, width) + 1
+    rows = torch.randperm(cache.shape[0] - 1, generator=g)[: len(counts) * width].view(len(counts), width) + 1
+    tokens = sum(counts)
     md = PagedMetadata(
-        num_reqs=3, num_actual_tokens=3, query_start_loc_cpu=torch.arange(4),
+        num_reqs=len(counts), num_actual_tokens=tokens,
+        query_start_loc_cpu=torch.tensor([0] + counts).cumsum(0),
         seq_lens_cpu=torch.tensor(seq_lens), block_table=rows.int(),
-        slot_mapping=torch.full((3,), -1), max_query_len=1, max_seq_len=max(seq_lens),
+        slot_mapping=torch.full((tokens,), -1), max_query_len=max(counts), max_seq_len=max(seq_lens),
     )
-    q, k, v = (torch.randn(3, h, D, generator=g) for h in (HQ, HK, HK))
+    q, k, v = (torch.randn(tokens, h, D, generator=g) for h in (HQ, HK, HK))
     eager_writes = []
     write_step = backend.write_step
-    monkeypatch.setattr(backend, "write_step", lambda *a: eager_writes.append(a))
+    if not prefill:
+        monkeypatch.setattr(backend, "write_step", lambda *a: eager_writes.append(a))
     graphed = cache.clone()
-    impl.forward(LAYER, q, k, v, graphed, md, torch.empty(3, HQ, D))
-    assert eager_writes == []  # the decode step wrote its tokens itself
+    impl.forward(LAYER, q, k, v, graphed, md, torch.empty(tokens, HQ, D))
+    assert eager_writes == []  # a step of decodes only wrote its tokens in the graph
     eager = cache.clone()
     books = impl._layer_books(LAYER, torch.device("cpu"))
     write_step(eager, k, v, backend.step_tokens(md, q.device), md, layout, books)

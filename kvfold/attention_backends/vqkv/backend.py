@@ -155,11 +155,11 @@ class VQKVImpl(KvfoldImpl):
         layout = self._page_layout(kv_cache)
         books = self._layer_books(layer, query.device)
         decode = decode_batch(metadata, layout, query.device)
-        # A step of decodes only writes its tokens inside the decode graph: eagerly, the write's
-        # three launches cost ~0.19 ms of host time per layer on an H100, 3x the graphed attention
-        # at one request. Mixed steps write every token after their prefill chunks, below.
-        written_in_graph = (decode is not None and decode[-1] == metadata.num_actual_tokens
-                            and triton_enabled(key.device) and ring.usable(key, kv_cache, layout))
+        # Decode tokens are written inside the decode graph: eagerly, the write's three launches
+        # cost ~0.19 ms of host time per layer on an H100, 3x the graphed attention at one request.
+        # Prefill chunks' tokens are written after their attention, below.
+        written_in_graph = (decode is not None and triton_enabled(key.device)
+                            and ring.usable(key, kv_cache, layout))
         if decode is not None:
             rows, starts, seq_lens, written, longest, num = decode
             self._step = (kv_cache, layout, books)
@@ -169,7 +169,7 @@ class VQKVImpl(KvfoldImpl):
                 write=written_in_graph,
             )
             output[starts[:num]] = out[:num].to(output.dtype)
-        if written_in_graph:
+        if written_in_graph and decode[-1] == metadata.num_actual_tokens:
             return
         fast_past = triton_enabled(query.device) and past.usable(kv_cache, layout, key.dtype)
         for i, start, end, seq_len in metadata.requests():
@@ -191,7 +191,8 @@ class VQKVImpl(KvfoldImpl):
             out = prefill_attention(query[start:end], k, v, self.scale, computed)
             output[start:end] = out.to(output.dtype)
             del k, v, out
-        write_step(kv_cache, key, value, step_tokens(metadata, query.device), metadata, layout, books)
+        tokens = step_tokens(metadata, query.device, without_decodes=written_in_graph)
+        write_step(kv_cache, key, value, tokens, metadata, layout, books)
 
 
 def decode_batch(
@@ -230,13 +231,20 @@ def padded_table(table: torch.Tensor, columns: int = TABLE_COLUMNS) -> torch.Ten
     return torch.nn.functional.pad(table, (0, -table.shape[1] % columns))
 
 
-def step_tokens(metadata: PagedMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(request index, position) of each of the step's tokens, built once per step for all layers."""
-    cached = metadata.scratch.get("vqkv_tokens")
+def step_tokens(metadata: PagedMetadata, device: torch.device,
+                without_decodes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(request index, position) of each of the step's tokens, built once per step for all layers.
+    ``without_decodes``: the decode tokens (written by the decode graph) at position -1, which
+    the Triton writes skip."""
+    name = "vqkv_prefill_tokens" if without_decodes else "vqkv_tokens"
+    cached = metadata.scratch.get(name)
     if cached is None:
         request, positions = _host_tokens(metadata)
+        if without_decodes:
+            decoding = metadata.query_start_loc_cpu.diff() == 1
+            positions = positions.masked_fill(decoding[request], -1)
         cached = (to_device(request, device), to_device(positions, device))
-        metadata.scratch["vqkv_tokens"] = cached
+        metadata.scratch[name] = cached
     return cached
 
 
@@ -267,7 +275,8 @@ def write_step(
     layout: PageLayout,
     books: LayerCodebooks,
 ) -> None:
-    """Codes of every new token; exact copies of the ones the ring keeps."""
+    """Codes of every new token; exact copies of the ones the ring keeps. On the Triton path a
+    token at a negative position (``step_tokens(without_decodes=True)``) is not written."""
     request, positions = tokens
     kept = kept_tokens(metadata, layout, key.device)
     if triton_enabled(key.device) and ring.usable(key, cache, layout):
