@@ -100,6 +100,9 @@ class BackendResult(BaseModel):
     start_attempts: int = 0
     capacity: Capacity | None = None
     backend_log_lines: list[str] = Field(default_factory=list)
+    # vLLM's periodic throughput lines and kvfold's warnings while it served (read when it stopped):
+    # a served step's speed and running count from the server's side, and e.g. a CUDA-graph cap hit.
+    runtime_log_lines: list[str] = Field(default_factory=list)
     server_log: str | None = None
     exit_code: int | None = None
     stragglers: list[int] = Field(default_factory=list)

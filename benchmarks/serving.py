@@ -57,6 +57,10 @@ LOG_LINES = re.compile(
     r"non-default args|Using \S* ?backend|Using AttentionBackendEnum|FlashAttention version|"
     r"KV cache size|sliding.window|setting cudagraph_mode|Traceback|Error", re.IGNORECASE)
 
+# While serving: vLLM's stat logger (every ~10 s) and kvfold's warnings (plain lines, prefixed by
+# vLLM with the process name).
+RUNTIME_LOG_LINES = re.compile(r"Avg prompt throughput|\bkvfold: ")
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -406,6 +410,7 @@ def run_backend(ctx: Context, name: str, workloads: dict[str, Workload], common:
             ctx.save()
     finally:
         result.exit_code, result.stragglers, result.gpu_memory_after_stop_mib = stop_server(ctx, server)
+        result.runtime_log_lines = _runtime_log_lines(server.log_path)
         ctx.log(f"{name}: stopped (exit {result.exit_code}, stragglers {result.stragglers}, "
                 f"GPU memory after {result.gpu_memory_after_stop_mib} MiB)")
         ctx.save()
@@ -417,6 +422,15 @@ def _log_lines(path: Path, limit: int = 30) -> list[str]:
     except OSError:
         return []
     return [line.strip()[:400] for line in lines if LOG_LINES.search(line)][:limit]
+
+
+def _runtime_log_lines(path: Path, limit: int = 240) -> list[str]:
+    """The last ``limit`` of the server's throughput lines and kvfold warnings."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.strip()[:400] for line in lines if RUNTIME_LOG_LINES.search(line)][-limit:]
 
 
 def _install_signal_handlers(ctx: Context) -> None:

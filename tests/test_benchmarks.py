@@ -190,6 +190,27 @@ def test_file_stems_are_plain() -> None:
     assert serving.file_stem("SLIDING_WINDOW_2048:CPU_ATTN") == "SLIDING_WINDOW_2048-CPU_ATTN"
 
 
+def test_runtime_log_lines_keep_the_servers_throughput_and_kvfold_warnings(tmp_path: Path) -> None:
+    """What a served run keeps of its server's log for a diagnosis (the seventh H100 session had to
+    rerun a workload to see vLLM's own decode rate): vLLM's stat lines and kvfold's warnings, as
+    vLLM prefixes them, not the registrations or the per-request access lines."""
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        "(APIServer pid=1) INFO 12-06 18:47:02 [__init__.py:54] - kvfold -> kvfold.metrics.stat_logger:KvfoldStatLogger",
+        "(EngineCore pid=2) INFO 12-06 18:47:19 [registry.py:189] Registered new attention backend: KVFOLD_TREEKV -> x",
+        "(APIServer pid=1) INFO 12-06 18:48:48 [loggers.py:335] Engine 000: Avg prompt throughput: 0.0 tokens/s, "
+        "Avg generation throughput: 176.8 tokens/s, Running: 16 reqs, Waiting: 0 reqs, GPU KV cache usage: 9.0%",
+        "(EngineCore pid=2) kvfold: CUDA graphs hold 1024 MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=1024); steps of new "
+        "shapes run eagerly",
+        '(APIServer pid=1) INFO:     127.0.0.1:5 - "POST /v1/completions HTTP/1.1" 200 OK',
+    ]) + "\n")
+    kept = serving._runtime_log_lines(log)
+    assert [line.split()[-1] for line in kept] == ["9.0%", "eagerly"]
+    assert serving._runtime_log_lines(log, limit=1) == kept[-1:]
+    assert serving._runtime_log_lines(tmp_path / "missing.log") == []
+    assert "runtime_log_lines" in results.BackendResult(name="x", server_args=[], status="ok").model_dump()
+
+
 # ------------------------------------------------------------------------------------------------
 # Results
 
