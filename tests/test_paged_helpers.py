@@ -1,5 +1,7 @@
 """Small shared pieces of the paged backends that run the same on CPU as on CUDA."""
 
+import logging
+
 import pytest
 import torch
 
@@ -84,3 +86,39 @@ def test_a_capture_books_what_it_keeps_beyond_inputs_and_outputs(monkeypatch) ->
     assert graphs._held_bytes == 100 + (32 << 20)
     graphs.GraphedStep._book(-5)  # another thread freed memory meanwhile: nothing is returned
     assert graphs._held_bytes == 100 + (32 << 20)
+
+
+def test_graphs_of_every_layer_share_input_buffers_per_position_and_shape(monkeypatch) -> None:
+    from kvfold.attention_backends.paged import graphs
+
+    monkeypatch.setattr(graphs, "_inputs", {})
+    q, table = torch.zeros(8, 4), torch.zeros(8, 64, dtype=torch.int32)
+    assert graphs.new_input_bytes([q, table]) == 8 * 4 * 4 + 8 * 64 * 4
+    first = graphs.input_buffers([q, table])
+    assert graphs.new_input_bytes([q, table]) == 0
+    again = graphs.input_buffers([q.clone(), table.clone()])  # another layer, the same batch shape
+    assert all(a is b for a, b in zip(first, again))
+    # Two inputs of one shape in one call never share a buffer; a new shape or dtype gets its own.
+    pair = graphs.input_buffers([q, q.clone()])
+    assert pair[0] is first[0] and pair[1] is not pair[0]
+    assert graphs.input_buffers([torch.zeros(16, 4)])[0] is not first[0]
+    assert graphs.input_buffers([q.half()])[0] is not first[0]
+    assert graphs.input_buffers([q.t()])[0].stride() == q.t().stride()
+
+
+def test_graph_memory_is_logged_as_it_grows(monkeypatch, caplog) -> None:
+    from kvfold.attention_backends.paged import graphs
+
+    monkeypatch.setattr(graphs, "_graphs", 0)
+    monkeypatch.setattr(graphs, "_reported_mib", 0)
+    monkeypatch.setattr(graphs, "_held_bytes", 100 << 20)
+    monkeypatch.setattr(graphs.logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger=graphs.logger.name):
+        graphs.GraphedStep._report()
+        assert not caplog.records  # 100 MiB: under the first step
+        graphs._held_bytes = 300 << 20
+        graphs.GraphedStep._report()
+        graphs._held_bytes = 400 << 20
+        graphs.GraphedStep._report()  # still under 512 MiB: nothing new
+    assert [r.getMessage() for r in caplog.records] == [
+        "kvfold: 2 CUDA graphs hold 300 MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=1024)"]

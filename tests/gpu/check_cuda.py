@@ -238,7 +238,34 @@ def check_vqkv_kernels(out: Path, model: Path) -> dict:
         except Exception as exc:
             report[name] = {"error": repr(exc)[:2000]}
     vqkv_paged_steps(model, report)
+    graph_inputs_shared_by_layers(report)
     return report
+
+
+def graph_inputs_shared_by_layers(report: dict) -> None:
+    """Three graphed "layers" of one input shape (one set of input buffers, see graphs.input_buffers),
+    called in turn with fresh inputs, each give their own eager result."""
+    import torch
+
+    from kvfold.attention_backends.paged.graphs import GraphedStep
+
+    os.environ["KVFOLD_CUDA_GRAPHS"] = "strict"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(64, 64, device="cuda", generator=g) for _ in range(3)]
+    steps = [GraphedStep(lambda x, y, w=w: (x @ w + 2 * y,)) for w in weights]
+    worst = 0.0
+    try:
+        for _ in range(4):  # the first call of each runs eagerly and captures; the rest replay
+            for step, w in zip(steps, weights):
+                x, y = (torch.randn(8, 64, device="cuda", generator=g) for _ in range(2))
+                (out,) = step("layer", x, y)
+                worst = max(worst, float((out - (x @ w + 2 * y)).abs().max()))
+        assert worst < 1e-2, worst  # TF32 products at most, never another layer's inputs
+        report["graph inputs shared by layers"] = {"result": {"max_abs_error": worst,
+                                                              "graphs": [len(s.graphs) for s in steps]}}
+    except Exception as exc:
+        report["graph inputs shared by layers"] = {"error": repr(exc)[:2000]}
+    os.environ.pop("KVFOLD_CUDA_GRAPHS")
 
 
 def vqkv_paged_steps(model: Path, report: dict) -> Path:
@@ -278,6 +305,7 @@ def check_paged(out: Path, model: Path) -> dict:
     sys.path.insert(0, str(HERE.parent))
     report = check_kernels(out, model)
     vqkv_paged_steps(model, report)
+    graph_inputs_shared_by_layers(report)
     return report
 
 

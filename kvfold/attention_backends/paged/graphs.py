@@ -16,11 +16,14 @@ before the next call with the same key.
 Off on CPU, while another capture is under way, and with ``KVFOLD_CUDA_GRAPHS=0``. A step that
 cannot be captured logs a warning and stays eager (``KVFOLD_CUDA_GRAPHS=strict`` raises instead).
 
-Each graph keeps copies of its inputs and its outputs; the pool's other memory is reused from
-graph to graph. That memory is outside vLLM's KV-cache accounting (the graphs are captured while
-serving, after vLLM sized the cache), and a graph per layer, batch size and shape adds up: TreeKV
-at 8B shape holds about 63 KB per request per layer and graph, 2.8 GB over 32 layers for every
-batch size up to 144. So the graphs of a process hold at most ``KVFOLD_CUDA_GRAPH_MEMORY_MB``
+Each graph keeps its outputs and reads its inputs from buffers shared by every graph of the process
+with inputs of the same shapes (:func:`input_buffers`): graphs replay one at a time and each call
+copies all its inputs in first, so the 32 layers' graphs of one batch shape need one set of input
+buffers, not 32. The pool's other memory is reused from graph to graph. That memory is outside
+vLLM's KV-cache accounting (the graphs are captured while serving, after vLLM sized the cache), and
+a graph per layer, batch size and shape adds up: TreeKV at 8B shape held about 63 KB per request
+per layer and graph before inputs were shared, 2.8 GB over 32 layers for every batch size up to 144.
+So the graphs of a process hold at most ``KVFOLD_CUDA_GRAPH_MEMORY_MB``
 (default 1024) of memory, measured per capture as what stays allocated after it or what the
 allocator reserved for it, whichever is more (at least its inputs and outputs); shapes that come
 later run eagerly.
@@ -44,8 +47,12 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.kvfold.graphs")  # vLLM configures its "vllm" logger tree
 _pool: Any = None
+_inputs: dict[Hashable, torch.Tensor] = {}  # capture inputs, shared by all graphs (input_buffers)
+_graphs = 0  # graphs captured by this process
+_reported_mib = 0  # graph memory last logged (every LOG_STEP_MIB more)
+LOG_STEP_MIB = 256
 _stream: Any = None  # the one capture stream, its cuBLAS workspaces made outside any capture
 _held_bytes = 0  # memory kept by every graph of this process
 _cap_reported = False
@@ -85,6 +92,27 @@ def room_for(needed: int, free: int, reserved: int, allocated: int, keep: int) -
 
 def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _input_key(slot: int, x: torch.Tensor) -> Hashable:
+    return slot, tuple(x.shape), x.stride(), x.dtype, x.device
+
+
+def new_input_bytes(inputs: Sequence[torch.Tensor]) -> int:
+    """Bytes :func:`input_buffers` would allocate for ``inputs``."""
+    return tensor_bytes([x for slot, x in enumerate(inputs) if _input_key(slot, x) not in _inputs])
+
+
+def input_buffers(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The process's buffers a graph reads ``inputs`` from, one per (position in the call, shape,
+    strides, dtype, device), made on first need outside any capture."""
+    buffers = []
+    for slot, x in enumerate(inputs):
+        key = _input_key(slot, x)
+        if key not in _inputs:
+            _inputs[key] = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        buffers.append(_inputs[key])
+    return buffers
 
 
 def enabled(device: torch.device) -> bool:
@@ -136,11 +164,12 @@ class GraphedStep:
             graph.replay()
             return outputs
         result = self.fn(*inputs, **static)  # the real step, and the warm-up the capture needs
-        needed = tensor_bytes(inputs) + tensor_bytes(result)
+        needed = new_input_bytes(inputs) + tensor_bytes(result)
         if not self.failed and not _broken and self._room(inputs[0].device, needed) and self._affordable(needed):
             try:
                 self.graphs[key], kept = self._capture(inputs, static)
                 self._book(kept - needed)
+                self._report()
                 if self.on_memory is not None:
                     self.on_memory(_held_bytes)
             except RuntimeError as exc:
@@ -152,6 +181,18 @@ class GraphedStep:
                 logger.warning("kvfold: %s cannot be captured as a CUDA graph (%s); kvfold captures no more "
                                "graphs in this process", getattr(self.fn, "__qualname__", self.fn), exc)
         return result
+
+    @staticmethod
+    def _report() -> None:
+        """Count the new graph; log the process's graph memory every LOG_STEP_MIB of growth, so a
+        server log shows how close the graphs come to KVFOLD_CUDA_GRAPH_MEMORY_MB."""
+        global _graphs, _reported_mib
+        _graphs += 1
+        mib = _held_bytes >> 20
+        if mib >= _reported_mib + LOG_STEP_MIB:
+            _reported_mib = mib - mib % LOG_STEP_MIB
+            logger.info("kvfold: %d CUDA graphs hold %d MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=%.0f)",
+                        _graphs, mib, memory_limit() / (1 << 20))
 
     @staticmethod
     def _book(extra: int) -> None:
@@ -194,7 +235,7 @@ class GraphedStep:
             _pool = torch.cuda.graph_pool_handle()
         stream = capture_stream(device)
         before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-        buffers = [x.clone() for x in inputs]
+        buffers = input_buffers(inputs)
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
