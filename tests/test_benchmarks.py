@@ -563,3 +563,29 @@ def test_fourier_kernel_sweep_settings_and_the_bytes_it_counts() -> None:
     middle = 301 - 64
     assert fk.decode_pass_bytes(arena, tables, 2, 301) == 2 * (301 * kept + 64 * compressed + 2 * fk.HEADS * middle * 4)
     assert rows.shape == (2, layout.reserved_blocks + -(-301 // 16)) and int(rows.min()) == 1
+
+
+def test_engine_step_summary_compares_each_kvfold_run_with_flash_attn() -> None:
+    from benchmarks.engine_step import summarize
+
+    runs = [{"backend": "FLASH_ATTN", "requests": 16, "context": 100, "decode_step_median_ms": 40.0},
+            {"backend": "FLASH_ATTN", "requests": 27, "context": 100, "decode_step_median_ms": 45.0},
+            {"backend": "KVFOLD_VQKV", "requests": 16, "context": 100, "decode_step_median_ms": 50.0},
+            {"backend": "KVFOLD_VQKV", "requests": 48, "context": 100, "decode_step_median_ms": 80.0}]
+    rows = summarize(runs)["summary"]
+    assert [r["decode_tok_per_s"] for r in rows] == pytest.approx([400.0, 600.0, 320.0, 600.0])
+    assert rows[2]["vs_flash_attn_same_batch"] == pytest.approx(1.25)
+    assert "vs_flash_attn_same_batch" not in rows[3]  # no FLASH_ATTN run of 48
+    # Against the FLASH_ATTN run of the most requests (its capacity when it filled the cache).
+    assert rows[3]["rate_vs_flash_attn_largest"] == pytest.approx(1.0)
+    assert rows[2]["rate_vs_flash_attn_largest"] == pytest.approx(320 / 600)
+    assert "rate_vs_flash_attn_largest" not in rows[0]
+
+
+def test_engine_step_refuses_a_run_without_a_backend(capsys) -> None:
+    from benchmarks.engine_step import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x.json"])
+    assert "--backend is required" in capsys.readouterr().err
+    assert parse_args(["--backend", "FLASH_ATTN", "--out", "x.json"]).requests == 16
