@@ -106,19 +106,29 @@ def test_graphs_of_every_layer_share_input_buffers_per_position_and_shape(monkey
     assert graphs.input_buffers([q.t()])[0].stride() == q.t().stride()
 
 
-def test_graph_memory_is_logged_as_it_grows(monkeypatch, caplog) -> None:
+def test_graph_memory_is_logged_as_it_grows(monkeypatch) -> None:
     from kvfold.attention_backends.paged import graphs
 
     monkeypatch.setattr(graphs, "_graphs", 0)
     monkeypatch.setattr(graphs, "_reported_mib", 0)
     monkeypatch.setattr(graphs, "_held_bytes", 100 << 20)
-    monkeypatch.setattr(graphs.logger, "propagate", True)
-    with caplog.at_level(logging.INFO, logger=graphs.logger.name):
+    messages: list[str] = []
+
+    class Keep(logging.Handler):  # on the logger itself: vLLM's logging config may stop propagation
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, level = Keep(logging.INFO), graphs.logger.level
+    graphs.logger.addHandler(handler)
+    graphs.logger.setLevel(logging.INFO)  # (setLevel, not the attribute: it clears the logger's cache)
+    try:
         graphs.GraphedStep._report()
-        assert not caplog.records  # 100 MiB: under the first step
+        assert not messages  # 100 MiB: under the first step
         graphs._held_bytes = 300 << 20
         graphs.GraphedStep._report()
         graphs._held_bytes = 400 << 20
         graphs.GraphedStep._report()  # still under 512 MiB: nothing new
-    assert [r.getMessage() for r in caplog.records] == [
-        "kvfold: 2 CUDA graphs hold 300 MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=1024)"]
+    finally:
+        graphs.logger.removeHandler(handler)
+        graphs.logger.setLevel(level)
+    assert messages == ["kvfold: 2 CUDA graphs hold 300 MiB (KVFOLD_CUDA_GRAPH_MEMORY_MB=1024)"]
